@@ -1,0 +1,206 @@
+"""The dense-prediction contract every mmhat backbone shares.
+
+:class:`PyramidBackbone` holds what does not depend on the family: resolving ``arch``
+against the family's ``arch_zoo``, validating ``out_indices`` / ``frozen_stages``,
+freezing, ``norm_eval``, activation checkpointing, input checks, and loading official
+checkpoints through :mod:`mmhat.checkpoint`. A family defines ``self.stem`` (module run
+before stage 0) and ``self.stages`` (one module per stage, holding everything frozen with
+that stage), its ``arch_zoo``, and ``convert_checkpoint``.
+"""
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
+
+from mmhat.checkpoint import (CheckpointError, Conversion, extract_state_dict,
+                              load_checkpoint_file, load_state_dict_strict)
+
+
+class PyramidBackbone(BaseModule):
+    """Base of the four families: a stem and ``num_stages`` stages with strides 4..32.
+
+    Args:
+        arch: a name from ``arch_zoo`` or a dict with every key of ``arch_keys``.
+        out_indices: stages whose outputs ``forward`` returns (NCHW, in order).
+        frozen_stages: -1 freezes nothing; ``k >= 0`` freezes the stem and stages
+            ``0..k-1`` (parameters fixed, modules kept in eval mode), as mmdet's ResNet/Swin.
+        norm_eval: keep every BatchNorm in eval mode during training (frozen statistics).
+        with_cp: activation checkpointing per block (less memory, slower backward).
+        pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``
+            (mmseg's ``EncoderDecoder`` injects it).
+        init_cfg: mmengine init config; ``type='Pretrained'`` loads official or mmhat
+            checkpoints (converted on the fly, strictly, see :meth:`load_pretrained`).
+    """
+    #: variant name -> architecture settings; every row has every key of ``arch_keys``.
+    arch_zoo: Dict[str, Dict[str, Any]] = {}
+    #: the official input channels; the stems are built for RGB.
+    in_channels: int = 3
+
+    def __init__(self,
+                 arch: Union[str, dict],
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 pretrained: Optional[str] = None,
+                 init_cfg: Optional[Union[dict, list]] = None) -> None:
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError('give either `pretrained` or `init_cfg`, not both')
+            warnings.warn('`pretrained` is deprecated, use init_cfg=dict(type="Pretrained", '
+                          'checkpoint=...)')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        self.arch_name = arch if isinstance(arch, str) else 'custom'
+        self.arch_settings = self.resolve_arch(arch)
+        self.num_stages = len(self.arch_settings['depths'])
+        self.out_indices = self._check_out_indices(out_indices, self.num_stages)
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= self.num_stages:
+            raise ValueError(f'frozen_stages must be an int in [-1, {self.num_stages}] '
+                             f'(-1: train everything), got {frozen_stages!r}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+    # ---------------------------------------------------------------- configuration
+    @classmethod
+    def arch_keys(cls) -> Tuple[str, ...]:
+        """The keys every ``arch`` dict must have (those of the zoo's rows)."""
+        first = next(iter(cls.arch_zoo.values()))
+        return tuple(first)
+
+    @classmethod
+    def resolve_arch(cls, arch: Union[str, dict]) -> Dict[str, Any]:
+        """Look ``arch`` up in ``arch_zoo`` or check a custom dict; clear errors otherwise."""
+        names = ', '.join(repr(n) for n in cls.arch_zoo)
+        keys = cls.arch_keys()
+        if isinstance(arch, str):
+            if arch.lower() not in cls.arch_zoo:
+                raise ValueError(f'unknown arch {arch!r} for {cls.__name__}; valid names: '
+                                 f'{names}, or a dict with keys {list(keys)}')
+            return dict(cls.arch_zoo[arch.lower()])
+        if isinstance(arch, dict):
+            missing = [k for k in keys if k not in arch]
+            if missing:
+                raise ValueError(f'{cls.__name__} arch dict is missing {missing}; it needs '
+                                 f'{list(keys)} (or use one of the names {names})')
+            extra = [k for k in arch if k not in keys]
+            if extra:
+                raise ValueError(f'{cls.__name__} arch dict has unknown keys {extra}; valid '
+                                 f'keys: {list(keys)}')
+            lengths = {k: len(v) for k, v in arch.items() if isinstance(v, (list, tuple))}
+            if len(set(lengths.values())) > 1:
+                raise ValueError(f'{cls.__name__} arch dict: per-stage lists differ in length '
+                                 f'{lengths}')
+            return dict(arch)
+        raise TypeError(f'arch must be a name ({names}) or a dict, got {type(arch).__name__}')
+
+    @staticmethod
+    def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> Tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices, )
+        out_indices = tuple(out_indices)
+        bad = [i for i in out_indices if not isinstance(i, int) or not 0 <= i < num_stages]
+        if not out_indices or bad:
+            raise ValueError(f'out_indices must be stage indices in [0, {num_stages - 1}], got '
+                             f'{out_indices!r}')
+        if list(out_indices) != sorted(set(out_indices)):
+            raise ValueError(f'out_indices must be increasing and unique, got {out_indices!r}')
+        return out_indices
+
+    # ---------------------------------------------------------------- training state
+    def _frozen_modules(self) -> Sequence[nn.Module]:
+        if self.frozen_stages < 0:
+            return []
+        return [self.stem] + [self.stages[i] for i in range(self.frozen_stages)]
+
+    def _freeze_stages(self) -> None:
+        for module in self._frozen_modules():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'PyramidBackbone':
+        """Train mode, except frozen stages and (with ``norm_eval``) every BatchNorm."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+        """Run one block, with activation checkpointing when ``with_cp`` and training."""
+        if self.with_cp and self.training and x.requires_grad:
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
+
+    def check_input(self, x: torch.Tensor, min_size: int = 32) -> None:
+        """Raise a clear error for inputs the network cannot take."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'{type(self).__name__} expects a 4-D (B, C, H, W) tensor, got '
+                             f'{shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} expects {self.in_channels} input channels '
+                             f'(RGB), got {x.shape[1]} in an input of shape {tuple(x.shape)}')
+        if x.shape[2] < min_size or x.shape[3] < min_size:
+            raise ValueError(f'{type(self).__name__} needs inputs of at least {min_size}x'
+                             f'{min_size} pixels, got {x.shape[2]}x{x.shape[3]}; resize or pad '
+                             f'the image')
+
+    # ---------------------------------------------------------------- weights
+    @staticmethod
+    def convert_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Conversion:
+        """Official -> mmhat key conversion of the family (pure function)."""
+        raise NotImplementedError
+
+    def init_default_weights(self) -> None:
+        """The official random initialisation of the family."""
+
+    def init_weights(self) -> None:
+        """Load ``init_cfg=dict(type='Pretrained', ...)`` ourselves, else the default init.
+
+        mmengine's ``Pretrained`` only unwraps ``state_dict`` and loads non-strictly, which
+        silently loads nothing from an official ``{'model': ...}`` file.
+        """
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        self.init_default_weights()
+        super().init_weights()
+
+    def load_pretrained(self, filename: str, prefix: Optional[str] = None) -> Conversion:
+        """Load an official or mmhat checkpoint strictly, reporting what was dropped.
+
+        Raises:
+            CheckpointError: missing/corrupt/unsafe file, or keys that do not fit.
+        """
+        sd = extract_state_dict(load_checkpoint_file(filename), prefix=prefix)
+        conversion = self.convert_checkpoint(sd)
+        hint = (f'Is this a checkpoint of {type(self).__name__} arch={self.arch_name!r}? '
+                f'Official checkpoints of another family or variant do not fit; pick the '
+                f'matching `arch` or checkpoint.')
+        load_state_dict_strict(self, conversion.state_dict, source=filename, hint=hint)
+        kind = 'official' if conversion.converted else 'mmhat'
+        print_log(f'{type(self).__name__}: loaded {len(conversion.state_dict)} tensors from '
+                  f'{kind} checkpoint {filename}', logger='current')
+        if conversion.dropped:
+            reasons: Dict[str, list] = {}
+            for key, why in conversion.dropped.items():
+                reasons.setdefault(why, []).append(key)
+            for why, keys in reasons.items():
+                print_log(f'  dropped {len(keys)} keys ({why}): {", ".join(keys[:4])}'
+                          f'{", ..." if len(keys) > 4 else ""}', logger='current')
+        return conversion
+
+
+__all__ = ['PyramidBackbone', 'CheckpointError']

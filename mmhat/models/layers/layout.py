@@ -1,0 +1,69 @@
+"""Layout helpers: NCHW <-> tokens, padding to a multiple, windows.
+
+Every family works on maps of arbitrary size; these helpers name the pads and crops so
+that no backbone writes ``x[..., :-0]`` by hand.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def nchw_to_nlc(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H*W, C)``, tokens in row-major order."""
+    return x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+
+
+def nlc_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H*W, C)`` -> ``(B, C, H, W)``."""
+    B, N, C = x.shape
+    H, W = hw
+    if N != H * W:
+        raise ValueError(f'{N} tokens cannot form a {H}x{W} map')
+    return x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+def pad_amounts(hw: Tuple[int, int], multiple: int) -> Tuple[int, int]:
+    """Rows and columns to add at the bottom/right so both sides divide ``multiple``."""
+    H, W = hw
+    return (-H) % multiple, (-W) % multiple
+
+
+def pad_bottom_right(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Zero-pad the last two dims of ``x`` at the bottom/right (no-op when 0, 0)."""
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h))
+
+
+def crop(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """Keep the top-left ``H x W`` of the last two dims (no copy when nothing is cut)."""
+    H, W = hw
+    if x.shape[-2] == H and x.shape[-1] == W:
+        return x
+    return x[..., :H, :W]
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Cut a map into non-overlapping ``window x window`` cells.
+
+    Args:
+        x: ``(B, C, H, W)`` with ``H`` and ``W`` multiples of ``window``.
+
+    Returns:
+        ``(B, nH, nW, window*window, C)``; cells in row-major order, tokens of a cell in
+        row-major ``(gy, gx)`` order.
+    """
+    B, C, H, W = x.shape
+    nH, nW = H // window, W // window
+    x = x.view(B, C, nH, window, nW, window)  # (B, C, nH, gy, nW, gx)
+    x = x.permute(0, 2, 4, 3, 5, 1)  # (B, nH, nW, gy, gx, C)
+    return x.reshape(B, nH, nW, window * window, C)  # (B, nH, nW, G*G, C)
+
+
+def window_reverse(cells: torch.Tensor, window: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B, nH, nW, G*G, C)`` -> ``(B, C, nH*G, nW*G)``."""
+    B, nH, nW, _, C = cells.shape
+    x = cells.view(B, nH, nW, window, window, C)  # (B, nH, nW, gy, gx, C)
+    x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, nH, gy, nW, gx)
+    return x.reshape(B, C, nH * window, nW * window)  # (B, C, H, W)

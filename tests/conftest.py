@@ -1,0 +1,21 @@
+"""Shared test set-up: one torch thread (these machines have 2 cores and OpenMP
+spin-waits under contention), and ``tests/`` on ``sys.path`` for the helper modules."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def num_threads():
+    """Run a test at a given torch thread count: ``num_threads(2)``; restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

@@ -1,0 +1,85 @@
+"""The official models as numbers: stand-in checkpoints and reference cases.
+
+``tests/data/reference/`` holds, per official variant, a manifest of the official
+state_dict (key -> shape, parameter counts) and, per family, a case: an input, BatchNorm
+statistics and the four stage outputs that the official model computes from a
+deterministic stand-in checkpoint. This module rebuilds that checkpoint from the rule
+below (a function of key name and shape only, the same on every machine), so the tests
+prove equality with the official code without it and without a download.
+
+The rule, for a key ``k`` of shape ``s`` with ``n`` elements:
+``phase = (crc32(k) mod 100003) / 100003 * 2 pi``; ``u_i = frac(sin(12.9898 i + phase) *
+43758.5453)`` in float64, cast to float32; integers are zeros; ``running_mean`` is
+``0.2 (u - 0.5)``, ``running_var`` ``0.5 + u``, ``bias`` ``0.2 (u - 0.5)``, other 1-D
+tensors ``0.8 + 0.4 u``, everything else ``sqrt(3 / fan_in) (2u - 1)``.
+"""
+import json
+import math
+import zlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+DATA = Path(__file__).parent / 'data' / 'reference'
+
+
+def stand_in_tensor(key: str, shape, dtype: str = 'float32') -> torch.Tensor:
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if dtype.startswith('int'):
+        return torch.zeros(shape, dtype=torch.int64)
+    phase = (zlib.crc32(key.encode('utf-8')) % 100003) / 100003.0 * 2 * math.pi
+    v = torch.sin(torch.arange(n, dtype=torch.float64) * 12.9898 + phase) * 43758.5453
+    u = (v - torch.floor(v)).to(torch.float32).reshape(shape)
+    name = key.rsplit('.', 1)[-1]
+    if name in ('running_mean', 'bias'):
+        return 0.2 * (u - 0.5)
+    if name == 'running_var':
+        return 0.5 + u
+    if len(shape) == 1:
+        return 0.8 + 0.4 * u
+    fan_in = max(math.prod(shape[1:]), 1)
+    return math.sqrt(3.0 / fan_in) * (2.0 * u - 1.0)
+
+
+@lru_cache(maxsize=None)
+def manifest(name: str) -> dict:
+    """``name`` like ``'hatnet-tiny'``."""
+    return json.loads((DATA / 'manifests' / f'{name}.json').read_text())
+
+
+def official_state_dict(name: str) -> Dict[str, torch.Tensor]:
+    """The stand-in official checkpoint of a variant (classifier included)."""
+    return {k: stand_in_tensor(k, v['shape'], v.get('dtype', 'float32'))
+            for k, v in manifest(name)['state_dict'].items()}
+
+
+def case_path(name: str) -> Path:
+    matches = sorted((DATA / 'cases').glob(f'{name}_b*.pt'))
+    assert matches, f'no reference case for {name}'
+    return matches[0]
+
+
+def load_case(name: str) -> dict:
+    return torch.load(case_path(name), map_location='cpu')
+
+
+def write_official_checkpoint(name: str, path: Path, with_case_overrides: bool = True) -> Path:
+    """Save ``{'model': state_dict}`` as the authors publish it; returns ``path``."""
+    sd = official_state_dict(name)
+    if with_case_overrides:
+        sd.update(load_case(name)['overrides'])
+    torch.save({'model': sd}, path)
+    return path
+
+
+def assert_matches_reference(outputs, reference, rel: float = 1e-4) -> None:
+    """The bar: ``max|ours - ref| <= rel * max|ref|`` for every stage."""
+    assert len(outputs) == len(reference)
+    for i, (ours, ref) in enumerate(zip(outputs, reference)):
+        assert ours.shape == ref.shape, f'stage {i}: shape {tuple(ours.shape)} != {tuple(ref.shape)}'
+        err = (ours - ref).abs().max().item()
+        bound = rel * ref.abs().max().item()
+        assert err <= bound, f'stage {i}: max|diff| {err:.3e} > {bound:.3e}'
