@@ -63,6 +63,18 @@ def _safe_global_types() -> list:
     return types
 
 
+def _history_buffer_getstate(self) -> dict:
+    """Pickle a HistoryBuffer without its statistics methods.
+
+    mmengine 0.10.7 stores them as ``getattr(HistoryBuffer, 'min')`` etc., which
+    ``weights_only`` loading refuses (allowing ``getattr`` would open the door again). They
+    are class-level and every ``HistoryBuffer.__init__`` registers them, so nothing is lost.
+    """
+    state = dict(self.__dict__)
+    state.pop('statistics_methods', None)
+    return state
+
+
 def register_safe_globals() -> None:
     """Allow-list the types official and mmengine checkpoints legitimately hold.
 
@@ -70,10 +82,17 @@ def register_safe_globals() -> None:
     ``torch.load`` without the argument; without this, ``--resume`` fails on
     ``HistoryBuffer`` and DeiT-style checkpoints on ``argparse.Namespace``. Turning
     ``weights_only`` off instead would let a downloaded file execute arbitrary code.
+    It also makes ``HistoryBuffer`` pickle without ``getattr`` references, so the
+    checkpoints mmhat's tools write resume under ``weights_only=True``.
     """
     add = getattr(torch.serialization, 'add_safe_globals', None)
     if add is not None:
         add(_safe_global_types())
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+        HistoryBuffer.__getstate__ = _history_buffer_getstate
+    except ImportError:  # pragma: no cover
+        pass
 
 
 # ---------------------------------------------------------------------------------------

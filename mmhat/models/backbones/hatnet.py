@@ -139,7 +139,7 @@ class HMHSA(nn.Module):
         qkv = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
         cells = window_partition(qkv, G)  # (B, nH, nW, G*G, 3C)
         _, nH, nW, _, _ = cells.shape
-        cells = cells.view(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
+        cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
         q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
         mask = None
         if pad_h or pad_w:
