@@ -1,5 +1,6 @@
 """One module per backbone family; importing registers them in ``mmhat.registry.MODELS``."""
 from .hatnet import HATNet
+from .shunted import ShuntedTransformer
 from .transcnn import TransCNN
 
-__all__ = ['HATNet', 'TransCNN']
+__all__ = ['HATNet', 'ShuntedTransformer', 'TransCNN']
