@@ -326,7 +326,7 @@ class ShuntedTransformer(PyramidBackbone):
     ``H_i = ceil(H / 2**(i+2))``.
     """
     arch_zoo = {
-        #          embed_dims                     num_heads               mlp_ratios              sr_ratios               depths                  stem 3x3 convs
+        # SSA.py shunted_t / shunted_s / shunted_b; num_conv: extra 3x3 convs in the stem
         'tiny':  dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), depths=(1, 2, 4, 1),  num_conv=0),  # noqa: E501
         'small': dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), depths=(2, 4, 12, 1), num_conv=1),  # noqa: E501
         'base':  dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), depths=(3, 4, 24, 2), num_conv=2),  # noqa: E501
