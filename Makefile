@@ -1,0 +1,39 @@
+# mmhat: the two commands of the README.
+#   make demo   set up .venv if needed, then train + evaluate Mask R-CNN/HAT-Net-T on toy data
+#   make test   set up .venv if needed, then run the test suite
+#
+# Set-up knobs (environment or make variables):
+#   PYTHON=python3.11          interpreter for .venv
+#   KEEP_TORCH=1               keep the torch already installed for $(PYTHON) (e.g. a CUDA build)
+#   MMHAT_WHEELHOUSE=DIR       folder holding a prebuilt mmcv-2.1.0 wheel for your torch
+#   MMHAT_CACHE=DIR            cache of built wheels (default ~/.cache/mmhat)
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmhat-installed
+PYTEST_ARGS ?=
+
+export PYTHON VENV KEEP_TORCH MMHAT_WHEELHOUSE MMHAT_CACHE
+# 2-core machines: OpenMP spin-waiting makes concurrent torch jobs ~100x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
+export PYTHONWARNINGS ?= ignore:pkg_resources is deprecated:UserWarning
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py requirements/constraints.txt requirements/runtime.txt requirements/tests.txt tools/setup_env.sh
+	bash tools/setup_env.sh
+	touch $@
+
+demo: $(STAMP)
+	$(PY) tools/demo_toy.py
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) work_dirs .pytest_cache
