@@ -79,3 +79,18 @@ def test_train_without_data_is_one_clear_message(tmp_path, capsys, config, kind)
     err = capsys.readouterr().err
     assert rc == 2
     assert f'{kind}' in err and str(tmp_path / 'nothing') in err and 'Traceback' not in err
+
+
+def test_train_with_missing_local_checkpoint_says_where_to_get_it(tmp_path, capsys):
+    import runpy
+    train = runpy.run_path(str(ROOT / 'tools' / 'train.py'))
+    data = tmp_path / 'coco'
+    for sub in ('annotations', 'train2017', 'val2017'):
+        (data / sub).mkdir(parents=True)
+    for ann in ('instances_train2017.json', 'instances_val2017.json'):
+        (data / 'annotations' / ann).write_text('{}')
+    rc = train['main']([str(ROOT / 'configs/det/maskrcnn_shunted_s_coco.py'),
+                        '--work-dir', str(tmp_path / 'wd'), '--data-root', str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert 'checkpoints/shunted_s.pth' in err and 'Model zoo' in err and 'Traceback' not in err

@@ -10,7 +10,7 @@ import sys
 from mmengine.config import DictAction
 
 import mmhat  # noqa: F401  registers mmhat and the safe checkpoint globals
-from mmhat.engine import DataNotFoundError, check_data, prepare_config
+from mmhat.engine import check_checkpoints, check_data, prepare_config
 
 
 def parse_args(argv=None):
@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     cfg = prepare_config(args)
     try:
         check_data(cfg, splits=('train', 'val'))
-    except DataNotFoundError as e:
+        if args.resume is None:
+            check_checkpoints(cfg)
+    except FileNotFoundError as e:  # DataNotFoundError included
         print(f'error: {e}', file=sys.stderr)
         return 2
     if args.amp:

@@ -60,6 +60,33 @@ def check_data(cfg: Config, splits=('train', 'val', 'test')) -> None:
         raise DataNotFoundError('\n\n'.join(problems))
 
 
+def _pretrained_paths(node) -> Iterator[str]:
+    if isinstance(node, dict):
+        init_cfg = node.get('init_cfg')
+        for cfg in (init_cfg if isinstance(init_cfg, list) else [init_cfg]):
+            if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
+                yield cfg['checkpoint']
+        for key, value in node.items():
+            if key != 'init_cfg':
+                yield from _pretrained_paths(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _pretrained_paths(item)
+
+
+def check_checkpoints(cfg: Config) -> None:
+    """Raise ``FileNotFoundError`` if a local ``Pretrained`` checkpoint of the model is
+    missing (URLs are downloaded by the runner), before any work starts."""
+    missing = [p for p in _pretrained_paths(cfg.get('model', {}))
+               if '://' not in p and not osp.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f'pretrained checkpoint not found: {", ".join(missing)}. Download the official '
+            f'ImageNet checkpoint (README: "Model zoo" says where each one is published) to '
+            f'that path, or train from scratch with '
+            f'--cfg-options model.backbone.init_cfg=None')
+
+
 def _replace_root(node, old: str, new: str):
     if isinstance(node, dict):
         for key, value in node.items():

@@ -176,6 +176,11 @@ class PyramidBackbone(BaseModule):
             self._is_init = True
             return
         self.init_default_weights()
+        if cfg is None:
+            # mmengine's BaseModule.init_weights would only log every parameter as
+            # unchanged; there is nothing else to initialise.
+            self._is_init = True
+            return
         super().init_weights()
 
     def load_pretrained(self, filename: str, prefix: Optional[str] = None) -> Conversion:
