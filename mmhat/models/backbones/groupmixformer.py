@@ -384,7 +384,7 @@ class GroupMixAttention(nn.Module):
         groups = self.aggregator(groups)  # (3B, C', H, W)
         groups = groups.view(3, B, self.num_heads, self.head_dims, N)  # (3, B, h, d, N)
         q, k, v = groups.transpose(-2, -1).unbind(0)  # each (B, h, N, d)
-        key_mask = None if valid is None else valid.view(B, 1, N, 1)  # (B, 1, N, 1)
+        key_mask = None if valid is None else valid.reshape(B, 1, N, 1)  # (B, 1, N, 1)
         y = factorized_attention(q, k, v, self.scale, key_mask=key_mask,
                                  bias=self.crpe(q, v, hw, valid))  # (B, h, N, d)
         y = y.transpose(1, 2).reshape(B, N, self.attn_dims)  # (B, N, C'), head-major
