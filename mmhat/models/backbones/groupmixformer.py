@@ -495,7 +495,8 @@ class GroupMixFormer(PyramidBackbone):
     Input: ``(B, 3, H, W)``; output: tuple of ``(B, C_i, H_i, W_i)``.
     """
     arch_zoo = {
-        #           embed_dims                  depths               num_heads            mlp_ratios           stem_channels
+        # The official configs/groupmixformer_{miny,tiny,small,base,large}.yaml; 8 heads and
+        # qkv bias everywhere (config.py). stem_channels: the stem's first conv (D0 / 2).
         'mini':  dict(embed_dims=(40, 80, 160, 160),   depths=(3, 3, 12, 4),   num_heads=(8, 8, 8, 8), mlp_ratios=(4, 4, 4, 4), stem_channels=20),   # noqa: E501
         'tiny':  dict(embed_dims=(80, 160, 200, 240),  depths=(4, 4, 12, 4),   num_heads=(8, 8, 8, 8), mlp_ratios=(4, 4, 4, 4), stem_channels=40),   # noqa: E501
         'small': dict(embed_dims=(80, 160, 320, 320),  depths=(2, 4, 12, 4),   num_heads=(8, 8, 8, 8), mlp_ratios=(4, 4, 4, 4), stem_channels=40),   # noqa: E501
