@@ -306,8 +306,9 @@ def test_checkpoint_wrappers_load(tmp_path, official, wrap):
     torch.save(ckpt, path)
     model = build('hatnet', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     model.init_weights()
+    loaded = model.state_dict()
     for k, v in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v), k
+        assert torch.equal(loaded[k], v), k
 
 
 def test_checkpoint_of_other_variant_is_a_clear_error(official):
