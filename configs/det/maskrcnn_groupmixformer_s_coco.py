@@ -1,12 +1,3 @@
-# Mask R-CNN 1x, COCO, GroupMixFormer-S backbone. The ImageNet checkpoint is published only on
-# the authors' OneDrive (README: "Model zoo"): download it to checkpoints/groupmixformer_s.pth.
-_base_ = ['../_base_/det/maskrcnn_fpn_1x_coco.py']
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mmhat.GroupMixFormer',
-        arch='small',
-        drop_path_rate=0.1,
-        norm_cfg=dict(type='SyncBN'),
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/groupmixformer_s.pth')),
-    neck=dict(in_channels=[80, 160, 320, 320]))
+# Mask R-CNN 1x, COCO, GroupMixFormer-S backbone (configs/_base_/backbones/groupmixformer_s.py).
+_base_ = ['../_base_/det/maskrcnn_fpn_1x_coco.py', '../_base_/backbones/groupmixformer_s.py']
+model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))

@@ -1,12 +1,3 @@
-# Semantic FPN 80k, ADE20K 512x512, HAT-Net-Small backbone (ImageNet checkpoint of the authors).
-_base_ = ['../_base_/seg/fpn_80k_ade20k.py']
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mmhat.HATNet',
-        arch='small',
-        drop_path_rate=0.1,
-        init_cfg=dict(
-            type='Pretrained',
-            checkpoint='https://github.com/yun-liu/HAT-Net/releases/download/v2.0/HAT-Net_Small.pth')),
-    neck=dict(in_channels=[64, 128, 320, 512]))
+# Semantic FPN 80k, ADE20K 512x512, HAT-Net-Small backbone (configs/_base_/backbones/hatnet_s.py).
+_base_ = ['../_base_/seg/fpn_80k_ade20k.py', '../_base_/backbones/hatnet_s.py']
+model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))

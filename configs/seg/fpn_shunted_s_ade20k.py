@@ -1,12 +1,3 @@
-# Semantic FPN 80k, ADE20K 512x512, Shunted-S backbone. The ImageNet checkpoint is published
-# only on the authors' Google Drive / Baidu Pan (README: "Model zoo"): download it to checkpoints/shunted_s.pth.
-_base_ = ['../_base_/seg/fpn_80k_ade20k.py']
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='mmhat.ShuntedTransformer',
-        arch='small',
-        drop_path_rate=0.1,
-        norm_cfg=dict(type='SyncBN'),
-        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/shunted_s.pth')),
-    neck=dict(in_channels=[64, 128, 256, 512]))
+# Semantic FPN 80k, ADE20K 512x512, Shunted-S backbone (configs/_base_/backbones/shunted_s.py).
+_base_ = ['../_base_/seg/fpn_80k_ade20k.py', '../_base_/backbones/shunted_s.py']
+model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))
