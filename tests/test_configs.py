@@ -94,3 +94,33 @@ def test_train_with_missing_local_checkpoint_says_where_to_get_it(tmp_path, caps
     err = capsys.readouterr().err
     assert rc == 2
     assert 'checkpoints/shunted_s.pth' in err and 'Model zoo' in err and 'Traceback' not in err
+
+
+SWAP = {
+    'mmdet': """_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+model = dict(
+    backbone=dict(_delete_=True, type='mmhat.HATNet', arch='small', drop_path_rate=0.1,
+                  init_cfg=dict(type='Pretrained', checkpoint='https://github.com/yun-liu/HAT-Net/releases/download/v2.0/HAT-Net_Small.pth')),
+    neck=dict(in_channels=[64, 128, 320, 512]))
+""",
+    'mmseg': """_base_ = 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'
+model = dict(
+    pretrained=None,
+    backbone=dict(_delete_=True, type='mmhat.HATNet', arch='small', drop_path_rate=0.1),
+    neck=dict(in_channels=[64, 128, 320, 512]))
+""",
+}
+
+
+@pytest.mark.parametrize('scope', SWAP)
+def test_readme_swap_into_an_existing_mm_config(tmp_path, scope):
+    """The README's lines turn mmdet's/mmseg's own R50 configs into HAT-Net ones."""
+    readme = (ROOT / 'README.md').read_text()
+    first_line = SWAP[scope].splitlines()[0]
+    assert first_line.split('::')[1].rstrip("'") in readme
+    path = tmp_path / f'{scope}_swap.py'
+    path.write_text(SWAP[scope])
+    cfg = Config.fromfile(str(path))
+    model = build_model(cfg)
+    assert type(model.backbone).__name__ == 'HATNet'
+    assert list(cfg.model.neck.in_channels) == model.backbone.out_channels
