@@ -1,12 +1,12 @@
 """GroupMixFormer: variants, equality with the official model, the factorised attention,
 any input size, padding invariance with ``valid_sizes``, training-time contract,
 checkpoints."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import backbone_contract as contract
 import reference as R
 from mmhat.checkpoint import CheckpointError
 from mmhat.models.backbones.groupmixformer import (GroupMixAttention, GroupMixFormer,
@@ -217,19 +217,8 @@ def test_bad_valid_sizes(sizes, match):
 # ----------------------------------------------------------------------------- training
 def test_with_cp_equals_plain_and_every_parameter_learns():
     torch.manual_seed(0)
-    plain = build().train()
-    cp = copy.deepcopy(plain)
-    cp.with_cp = True
-    x = torch.randn(2, 3, 64, 72)
-    grads = []
-    for model in (plain, cp):
-        outs = model(x, valid_sizes=[(64, 72), (50, 61)])
-        sum(o.square().mean() for o in outs).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    missing = [n for n, g in grads[0].items() if g is None or not g.abs().sum() > 0]
-    assert missing == []
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    contract.check_with_cp_equals_plain(build(), torch.randn(2, 3, 64, 72),
+                                        valid_sizes=[(64, 72), (50, 61)])
 
 
 def test_drop_path_rises_linearly_over_all_blocks():
@@ -297,29 +286,9 @@ def test_converter_renames_and_drops_classifier():
     assert not again.converted and again.state_dict.keys() == new.keys()
 
 
-@pytest.mark.parametrize('wrap', ['model', 'state_dict', 'module_prefix', 'backbone_prefix',
-                                  'mmhat_format'])
+@pytest.mark.parametrize('wrap', contract.WRAPS)
 def test_checkpoint_wrappers_load(tmp_path, official, wrap):
-    reference = pretrained(official)
-    sd = torch.load(official)['model']
-    if wrap == 'state_dict':
-        ckpt = {'state_dict': sd, 'meta': {}}
-    elif wrap == 'module_prefix':
-        ckpt = {'model': {f'module.{k}': v for k, v in sd.items()}}
-    elif wrap == 'backbone_prefix':  # a whole detector: only the backbone is taken
-        ckpt = {'state_dict': {**{f'backbone.{k}': v for k, v in reference.state_dict().items()},
-                               'neck.conv.weight': torch.zeros(1)}}
-    elif wrap == 'mmhat_format':
-        ckpt = reference.state_dict()
-    else:
-        ckpt = {'model': sd}
-    path = tmp_path / 'ckpt.pth'
-    torch.save(ckpt, path)
-    model = build(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    model.init_weights()
-    loaded = model.state_dict()
-    for k, v in reference.state_dict().items():
-        assert torch.equal(loaded[k], v), k
+    contract.check_checkpoint_wrapper(build, official, wrap, tmp_path)
 
 
 def test_checkpoint_of_other_variant_is_a_clear_error(official):

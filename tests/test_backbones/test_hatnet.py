@@ -1,10 +1,10 @@
 """HAT-Net and TransCNN (one implementation, two families): variants, equality with the
 official models, any input size, padding invariance, training-time contract, checkpoints."""
-import copy
 
 import pytest
 import torch
 
+import backbone_contract as contract
 import reference as R
 from mmhat.checkpoint import CheckpointError
 from mmhat.models.backbones.hatnet import HATNet, HMHSA
@@ -199,19 +199,7 @@ def test_fused_equals_explicit_with_masks(family):
 @pytest.mark.parametrize('family', FAMILIES)
 def test_with_cp_equals_plain_and_every_parameter_learns(family):
     torch.manual_seed(0)
-    plain = build(family).train()
-    cp = copy.deepcopy(plain)
-    cp.with_cp = True
-    x = torch.randn(2, 3, 64, 72)
-    grads = []
-    for model in (plain, cp):
-        outs = model(x)
-        sum(o.square().mean() for o in outs).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters()})
-    missing = [n for n, g in grads[0].items() if g is None or not g.abs().sum() > 0]
-    assert missing == []
-    for n, g in grads[0].items():
-        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    contract.check_with_cp_equals_plain(build(family), torch.randn(2, 3, 64, 72))
 
 
 # ----------------------------------------------------------------------------- training state
@@ -286,29 +274,10 @@ def test_converter_drops_and_names_unused_keys():
     assert not again.converted and again.state_dict.keys() == conversion.state_dict.keys()
 
 
-@pytest.mark.parametrize('wrap', ['model', 'state_dict', 'module_prefix', 'backbone_prefix',
-                                  'mmhat_format'])
+@pytest.mark.parametrize('wrap', contract.WRAPS)
 def test_checkpoint_wrappers_load(tmp_path, official, wrap):
-    reference = pretrained('hatnet', official)
-    sd = torch.load(official['hatnet'])['model']
-    if wrap == 'state_dict':
-        ckpt = {'state_dict': sd, 'meta': {}}
-    elif wrap == 'module_prefix':
-        ckpt = {'model': {f'module.{k}': v for k, v in sd.items()}}
-    elif wrap == 'backbone_prefix':  # a whole detector: only the backbone is taken
-        ckpt = {'state_dict': {**{f'backbone.{k}': v for k, v in reference.state_dict().items()},
-                               'neck.conv.weight': torch.zeros(1)}}
-    elif wrap == 'mmhat_format':
-        ckpt = reference.state_dict()
-    else:
-        ckpt = {'model': sd, 'args': __import__('argparse').Namespace(lr=1e-3), 'epoch': 3}
-    path = tmp_path / 'ckpt.pth'
-    torch.save(ckpt, path)
-    model = build('hatnet', init_cfg=dict(type='Pretrained', checkpoint=str(path)))
-    model.init_weights()
-    loaded = model.state_dict()
-    for k, v in reference.state_dict().items():
-        assert torch.equal(loaded[k], v), k
+    contract.check_checkpoint_wrapper(lambda **kw: build('hatnet', **kw), official['hatnet'], wrap,
+                                      tmp_path)
 
 
 def test_checkpoint_of_other_variant_is_a_clear_error(official):

@@ -1,0 +1,59 @@
+"""Checks every mmhat backbone must pass, written once and called by each family's tests."""
+import argparse
+import copy
+from typing import Callable
+
+import torch
+
+#: the checkpoint layouts a backbone must load (see mmhat.checkpoint.extract_state_dict)
+WRAPS = ['model', 'model_with_args', 'state_dict', 'module_prefix', 'backbone_prefix',
+         'mmhat_format']
+
+
+def wrap_checkpoint(wrap: str, official: dict, native: dict) -> dict:
+    """An official state_dict (and the same weights in mmhat format) in layout ``wrap``."""
+    if wrap == 'model':
+        return {'model': official}
+    if wrap == 'model_with_args':  # what DeiT/PVT-style training scripts save
+        return {'model': official, 'args': argparse.Namespace(lr=1e-3), 'epoch': 3}
+    if wrap == 'state_dict':
+        return {'state_dict': official, 'meta': {}}
+    if wrap == 'module_prefix':
+        return {'model': {f'module.{k}': v for k, v in official.items()}}
+    if wrap == 'backbone_prefix':  # a whole detector: only the backbone is taken
+        return {'state_dict': {**{f'backbone.{k}': v for k, v in native.items()},
+                               'neck.conv.weight': torch.zeros(1)}}
+    if wrap == 'mmhat_format':
+        return dict(native)
+    raise ValueError(wrap)
+
+
+def check_checkpoint_wrapper(build: Callable, official_path, wrap: str, tmp_path) -> None:
+    """``build(**kwargs)`` loads ``official_path`` wrapped as ``wrap`` to the same weights."""
+    reference = build(init_cfg=dict(type='Pretrained', checkpoint=str(official_path)))
+    reference.init_weights()
+    native = reference.state_dict()
+    path = tmp_path / f'{wrap}.pth'
+    torch.save(wrap_checkpoint(wrap, torch.load(official_path)['model'], native), path)
+    model = build(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    loaded = model.state_dict()
+    assert loaded.keys() == native.keys()
+    for k, v in native.items():
+        assert torch.equal(loaded[k], v), k
+
+
+def check_with_cp_equals_plain(model: torch.nn.Module, x: torch.Tensor, **forward_kwargs) -> None:
+    """Activation checkpointing changes nothing, and every parameter receives a gradient."""
+    model.train()
+    cp = copy.deepcopy(model)
+    cp.with_cp = True
+    grads = []
+    for m in (model, cp):
+        outs = m(x, **forward_kwargs)
+        sum(o.square().mean() for o in outs).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    missing = [n for n, g in grads[0].items() if g is None or not g.abs().sum() > 0]
+    assert missing == [], f'parameters without gradient: {missing[:5]}'
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
