@@ -4,13 +4,16 @@
         [--out FILE.pkl] [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
 """
 import argparse
+import warnings
 import os.path as osp
 import sys
 
-from mmengine.config import DictAction
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-import mmhat  # noqa: F401  registers mmhat and the safe checkpoint globals
-from mmhat.engine import DataNotFoundError, check_data, prepare_config
+from mmengine.config import DictAction  # noqa: E402
+
+import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
+from mmhat.engine import DataNotFoundError, check_data, prepare_config, setup_cpu_distributed
 
 
 def parse_args(argv=None):
@@ -42,6 +45,7 @@ def main(argv=None) -> int:
         return 2
     cfg.load_from = args.checkpoint
 
+    setup_cpu_distributed(cfg)
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

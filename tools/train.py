@@ -6,11 +6,14 @@
 """
 import argparse
 import sys
+import warnings
 
-from mmengine.config import DictAction
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-import mmhat  # noqa: F401  registers mmhat and the safe checkpoint globals
-from mmhat.engine import check_checkpoints, check_data, prepare_config
+from mmengine.config import DictAction  # noqa: E402
+
+import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
+from mmhat.engine import check_checkpoints, check_data, prepare_config, setup_cpu_distributed
 
 
 def parse_args(argv=None):
@@ -60,6 +63,7 @@ def main(argv=None) -> int:
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
 
+    setup_cpu_distributed(cfg)
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)

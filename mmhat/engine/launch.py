@@ -121,3 +121,27 @@ def prepare_config(args: Namespace) -> Config:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     os.makedirs(cfg.work_dir, exist_ok=True)
     return cfg
+
+
+def setup_cpu_distributed(cfg: Config) -> None:
+    """Make ``--launcher pytorch`` work where torch has no CUDA (gloo), as on CI.
+
+    mmengine 0.10.7 calls ``torch.cuda.set_device`` when it initialises the process group
+    and wraps the model in DDP with GPU ``device_ids``; both fail on a CPU-only torch.
+    Initialising gloo first (mmengine then skips its own init) and wrapping without
+    ``device_ids`` fixes both. With CUDA available nothing changes (NCCL as usual).
+    """
+    import torch
+    import torch.distributed as dist
+    if cfg.get('launcher', 'none') == 'none' or torch.cuda.is_available():
+        return
+    if cfg.launcher != 'pytorch':
+        raise RuntimeError(f'--launcher {cfg.launcher} without CUDA is not supported; use '
+                           f'torchrun with --launcher pytorch for CPU (gloo) runs')
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    wrapper = dict(cfg.get('model_wrapper_cfg') or dict(
+        type='MMDistributedDataParallel', broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False)))
+    wrapper['device_ids'] = None  # a CPU module: DDP must not be given GPU ids
+    cfg.model_wrapper_cfg = wrapper
