@@ -4,9 +4,9 @@
         [--out FILE.pkl] [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
 """
 import argparse
-import warnings
 import os.path as osp
 import sys
+import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
