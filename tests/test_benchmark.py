@@ -1,0 +1,91 @@
+"""tools/benchmark.py --quick: the outputs exist and have the promised structure.
+
+No timing is asserted (these machines are shared; absolute times mean nothing here), only
+that every number the report promises is there, finite and positive.
+"""
+import importlib.util
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark.py'
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location('mmhat_tools_benchmark', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench') / 'results.md'
+    rc = load_tool().main(['--quick', '--out', str(out), '--plot'])
+    return rc, out
+
+
+def test_quick_run_writes_markdown_json_and_plot(quick_run):
+    rc, out = quick_run
+    assert rc == 0
+    for path in (out, out.with_suffix('.json'), out.with_suffix('.png')):
+        assert path.is_file() and path.stat().st_size > 0, path
+    assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_markdown_has_machine_and_one_row_per_mode(quick_run):
+    _, out = quick_run
+    md = out.read_text()
+    assert re.search(r'threads 1 of \d+ cores', md)
+    assert 'machine load' in md and 'matmul' in md
+    rows = [ln for ln in md.splitlines() if ln.startswith('| ShuntedTransformer-tiny |')]
+    assert len(rows) == 2  # one inference row, one training row
+    infer, train = (ln.strip('|').split('|') for ln in rows)
+    assert len(infer) == 10 and len(train) == 8  # the header widths of the two tables
+    for cells in (infer, train):
+        assert cells[1].strip() == '128x128' and cells[2].strip() == 'fused'
+        assert 'error' not in '|'.join(cells)
+
+
+def test_json_has_every_raw_number(quick_run):
+    _, out = quick_run
+    report = json.loads(out.with_suffix('.json').read_text())
+    assert set(report) >= {'machine', 'settings', 'matmul', 'models', 'results', 'summaries'}
+    machine = report['machine']
+    assert machine['threads'] == 1 and machine['device'] == 'cpu' and machine['torch']
+    assert machine['load_average_start'] is not None
+    assert positive(report['matmul']['gflops_per_s'])
+    results = report['results']
+    assert [r['mode'] for r in results] == ['infer', 'train']
+    for r in results:
+        assert r['size'] == [128, 128] and r['with_cp'] is False and r['attn'] == 'fused'
+        assert len(r['latency_all_s']) == 2  # --quick: 1 warm-up (not kept) + 2 runs
+        for key in ('latency_s', 'throughput', 'peak_mem_mb', 'params_m'):
+            assert positive(r[key]), (key, r[key])
+        assert all(positive(t) for t in r['latency_all_s'])
+        assert r['foreign_cores'] is None or r['foreign_cores'] >= 0
+    infer = results[0]
+    for key in ('gflops', 'achieved_gflops_per_s', 'matmul_fraction'):
+        assert positive(infer[key]), (key, infer[key])
+
+
+def test_size_parsing_and_model_resolution():
+    tool = load_tool()
+    assert tool.parse_size('224') == (224, 224)
+    assert tool.parse_size('800x1333') == (800, 1333)  # height first
+    with pytest.raises(Exception):
+        tool.parse_size('800x')
+    shunted = tool.resolve_model('mmhat.ShuntedTransformer:small')
+    assert shunted['label'] == 'ShuntedTransformer-small' and shunted['switchable_attn']
+    gmf = tool.resolve_model('mmhat.GroupMixFormer')  # smallest row by default
+    assert gmf['arch'] == 'mini' and not gmf['switchable_attn'] and gmf['supports_cp']
+    pvt = tool.resolve_model('pvtv2-b2')  # mmdet's PVTv2 has no with_cp
+    assert pvt['label'] == 'PVTv2-B2' and not pvt['supports_cp']
+    assert tool.resolve_model('r50')['supports_cp']

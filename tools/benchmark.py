@@ -1,0 +1,796 @@
+"""Speed, memory and FLOP efficiency of mmhat backbones, measured against peers in one run.
+
+    python tools/benchmark.py mmhat.HATNet --arch tiny            # + Swin-T, PVTv2-B1/B2, R50
+    python tools/benchmark.py mmhat.ShuntedTransformer:tiny mmhat.ShuntedTransformer:small \\
+        --peers none --modes train --infer-sizes 800x1216 --sizes 800x1333 --out shunted.md
+    python tools/benchmark.py mmhat.HATNet:tiny --attn both --device cuda --plot
+    python tools/benchmark.py --quick                            # CI smoke run (~20 s)
+
+What is measured, per (model, input size, mode, attention path, with_cp):
+  * latency: median over ``--runs`` timed passes after ``--warmup`` passes (batch
+    ``--batch-size``); throughput = images / median latency;
+  * peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the pass;
+    on CPU the rise of the process's peak resident set (VmHWM, reset through
+    ``/proc/self/clear_refs``) during the first pass. Every row runs in a fresh subprocess
+    so one row's peak can never hide another's;
+  * mode ``infer``: a forward under ``torch.inference_mode``; mode ``train``: forward, then
+    backward of the sum of every output (the backbone's share of a detector's step);
+  * FLOPs as tools/get_flops.py counts them (one fused multiply-add = one FLOP), divided by the
+    latency, as a fraction of what a plain float32 ``n x n @ n x n`` matmul reaches on the
+    same device, with the same threads, in the same run.
+
+Peers are built from mmdet's registry with the settings of mmdet's own detection configs
+(Swin-T ``mask-rcnn_swin-t-p4-w7``, PVTv2 ``retinanet_pvtv2-b1/b2``, ResNet-50), except that
+every backbone trains all of its stages (no ``frozen_stages``, no ``norm_eval``), so
+training-step figures compare architectures, not freezing recipes. Compare models by the
+ratio columns (same run, same machine state), never by absolute times from other runs.
+
+CPU timings on a shared machine: one torch thread by default, ``OMP_WAIT_POLICY=PASSIVE``
+(spin-waiting OpenMP threads make a contended 2-thread job ~100x slower), and every row
+records how much CPU other processes took while it ran ("foreign cores", from /proc/stat).
+``--retries`` re-measures rows that ran on an oversubscribed machine.
+"""
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# Before torch is imported (its OpenMP runtime reads this once): passive waiting keeps a
+# contended run from spinning (see ARCHITECTURES.md 8.4).
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
+
+import torch  # noqa: E402
+
+TOOLS_DIR = Path(__file__).resolve().parent
+DEFAULT_INFER_SIZES = ('224', '512', '800x1216')
+DEFAULT_TRAIN_SIZES = ('800x1216', )
+QUICK_MODEL = 'mmhat.ShuntedTransformer:tiny'
+QUICK_SIZE = '128'
+#: fewest timed passes a row keeps even when it exceeds ``--max-seconds``
+MIN_RUNS = 3
+
+#: peers: key -> (label, mmdet config). Settings of mmdet's detection configs; see the module
+#: docstring for why nothing is frozen.
+PEERS: Dict[str, Tuple[str, dict]] = {
+    'swin-t': ('Swin-T', dict(type='mmdet.SwinTransformer', embed_dims=96, depths=[2, 2, 6, 2],
+                              num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4,
+                              qkv_bias=True, drop_path_rate=0.2, patch_norm=True,
+                              out_indices=(0, 1, 2, 3))),
+    'pvtv2-b1': ('PVTv2-B1', dict(type='mmdet.PyramidVisionTransformerV2', embed_dims=64,
+                                  num_layers=[2, 2, 2, 2])),
+    'pvtv2-b2': ('PVTv2-B2', dict(type='mmdet.PyramidVisionTransformerV2', embed_dims=64,
+                                  num_layers=[3, 4, 6, 3])),
+    'r50': ('ResNet-50', dict(type='mmdet.ResNet', depth=50, frozen_stages=-1,
+                              norm_eval=False)),
+}
+DEFAULT_PEERS = ('swin-t', 'pvtv2-b1', 'pvtv2-b2', 'r50')
+#: the peer the ratio columns refer to when ``--ref`` is not given, in order of preference
+REF_PREFERENCE = ('pvtv2-b2', 'r50', 'swin-t', 'pvtv2-b1')
+
+
+# ---------------------------------------------------------------------------------------
+# Machine state
+# ---------------------------------------------------------------------------------------
+def _busy_jiffies() -> Optional[int]:
+    """CPU time (all cores, clock ticks) spent busy since boot; None off Linux."""
+    try:
+        with open('/proc/stat') as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
+class CpuSample:
+    """Wall time, the machine's busy CPU time and this process's own CPU time, at once."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.busy = _busy_jiffies()
+        self.own = time.process_time()
+
+    def foreign_cores(self, later: 'CpuSample') -> Optional[float]:
+        """Cores other processes kept busy between ``self`` and ``later`` (1.0 = one core)."""
+        wall = later.wall - self.wall
+        if self.busy is None or later.busy is None or wall <= 0:
+            return None
+        busy = (later.busy - self.busy) / os.sysconf('SC_CLK_TCK')
+        return max(0.0, (busy - (later.own - self.own)) / wall)
+
+
+def load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: str, threads: int) -> Dict[str, Any]:
+    """What a reader needs to judge the numbers: device, software, threads, load."""
+    info: Dict[str, Any] = dict(
+        device=device, torch=torch.__version__, python=platform.python_version(),
+        threads=threads, cpu_count=os.cpu_count(),
+        omp_wait_policy=os.environ.get('OMP_WAIT_POLICY'), load_average_start=load_average())
+    if device.startswith('cuda'):
+        info['device_name'] = torch.cuda.get_device_name(torch.device(device))
+        info['cuda'] = torch.version.cuda
+    else:
+        info['device_name'] = platform.processor() or platform.machine()
+        try:
+            with open('/proc/cpuinfo') as f:
+                names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
+            info['device_name'] = names[0] if names else info['device_name']
+        except OSError:
+            pass
+    for pkg in ('mmdet', 'mmseg', 'mmengine', 'mmcv'):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # a missing optional package only blanks its version
+            info[pkg] = None
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+def parse_size(text: str) -> Tuple[int, int]:
+    """``'224'`` -> (224, 224); ``'800x1333'`` -> (H=800, W=1333)."""
+    parts = text.lower().replace('*', 'x').split('x')
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        hw = ()
+    if len(hw) == 1:
+        hw = hw * 2
+    if len(hw) != 2 or min(hw) < 1:
+        raise argparse.ArgumentTypeError(f'a size is N or HxW (height first), got {text!r}')
+    return hw  # type: ignore[return-value]
+
+
+def _registry():
+    import mmdet.models  # noqa: F401  (registers the peers under the mmdet scope)
+
+    import mmhat  # noqa: F401
+    from mmhat.registry import MODELS
+    return MODELS
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes keyword ``name``, following ``**kwargs`` up the MRO (mmdet's
+    PVTv2 forwards everything to PVT)."""
+    for klass in cls.__mro__:
+        if '__init__' not in vars(klass):
+            continue
+        params = inspect.signature(vars(klass)['__init__']).parameters
+        if name in params:
+            return True
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
+
+
+def resolve_model(token: str, default_arch: Optional[str] = None) -> Dict[str, Any]:
+    """A model argument -> its description (label, build config, capabilities).
+
+    ``token`` is a peer key (``swin-t``, ``pvtv2-b2``, ...) or a registered type with an
+    optional ``:arch`` (``mmhat.HATNet:tiny``); mmhat types without one take ``default_arch``
+    or the first (smallest) row of their ``arch_zoo``.
+    """
+    MODELS = _registry()
+    if token.lower() in PEERS:
+        label, cfg = PEERS[token.lower()]
+        type_name, arch = cfg['type'], None
+        cfg = dict(cfg)
+    else:
+        type_name, _, arch = token.partition(':')
+        arch = arch or default_arch
+        cls = MODELS.get(type_name)
+        if cls is None:
+            mmhat_types = ', '.join(f'mmhat.{n}' for n in sorted(MODELS.module_dict))
+            raise SystemExit(f'unknown backbone {type_name!r}; registered mmhat types: '
+                             f'{mmhat_types}; peers: {", ".join(PEERS)}')
+        zoo = getattr(cls, 'arch_zoo', None) or {}
+        if zoo:
+            arch = arch or next(iter(zoo))
+            if arch.lower() not in zoo:
+                raise SystemExit(f'unknown arch {arch!r} for {type_name}; valid: '
+                                 f'{", ".join(zoo)}')
+            cfg = dict(type=type_name, arch=arch.lower())
+            label = f'{cls.__name__}-{arch.lower()}'
+        else:
+            if arch:
+                raise SystemExit(f'{type_name} has no arch_zoo; give its settings another way')
+            cfg = dict(type=type_name)
+            label = cls.__name__
+    cls = MODELS.get(type_name)
+    module = sys.modules[cls.__module__]
+    return dict(
+        key=token.lower() if token.lower() in PEERS else label, label=label, cfg=cfg,
+        type=type_name, arch=cfg.get('arch'), is_mmhat=type_name.startswith('mmhat.'),
+        supports_cp=_accepts(cls, 'with_cp'),
+        # A family whose module calls the shared kernel's switch has a fused (SDPA) and an
+        # explicit path; GroupMixFormer's linear attention and the peers have one path.
+        switchable_attn=hasattr(module, 'use_fused_attn'))
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring (inside a worker subprocess)
+# ---------------------------------------------------------------------------------------
+def _reset_peak_rss() -> Optional[str]:
+    """Reset VmHWM to the current RSS; returns the method that will read the peak."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return 'VmHWM'
+    except OSError:
+        return 'ru_maxrss'
+
+
+def _status_kb(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _rss_kb(method: str) -> int:
+    if method == 'VmHWM':
+        return _status_kb('VmRSS')
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+
+
+def _peak_kb(method: str) -> int:
+    if method == 'VmHWM':
+        return _status_kb('VmHWM')
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn, device: torch.device) -> float:
+    """Seconds for one call; CUDA events around it on a GPU (the launch is asynchronous)."""
+    if device.type == 'cuda':
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sync(device)
+        start.record()
+        fn()
+        end.record()
+        _sync(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _timed_runs(fn, device: torch.device, runs: int, max_seconds: float) -> Dict[str, Any]:
+    """Run ``fn`` up to ``runs`` times (at least ``MIN_RUNS`` when time runs out)."""
+    times, foreign = [], []
+    start = time.perf_counter()
+    for i in range(runs):
+        before = CpuSample()
+        times.append(_time_once(fn, device))
+        foreign.append(before.foreign_cores(CpuSample()))
+        if i + 1 >= min(runs, MIN_RUNS) and time.perf_counter() - start > max_seconds:
+            break
+    known = [f for f in foreign if f is not None]
+    return dict(latency_s=statistics.median(times), latency_all_s=times,
+                foreign_cores=statistics.median(known) if known else None,
+                foreign_cores_all=foreign)
+
+
+def count_gflops(model_desc: Dict[str, Any], model: torch.nn.Module,
+                 hw: Tuple[int, int]) -> float:
+    """GFLOPs of one image at ``hw``, counted as tools/get_flops.py counts them."""
+    sys.path.insert(0, str(TOOLS_DIR))
+    import get_flops
+    if model_desc['is_mmhat'] and model_desc['arch']:
+        return get_flops.measure(model_desc['type'], model_desc['arch'], hw)['gflops']
+    # Peers: the same analyzer and settings as get_flops.measure, on a CPU copy in eval mode.
+    from mmengine.analysis import FlopAnalyzer
+    model = model.cpu()
+    model.eval()  # mmdet's Swin.train() returns None, so no chaining
+    with torch.no_grad():
+        analyzer = FlopAnalyzer(model, torch.zeros(1, 3, *hw))
+        analyzer.unsupported_ops_warnings(False)
+        analyzer.uncalled_modules_warnings(False)
+        return analyzer.total() / 1e9
+
+
+def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
+    """Build one model and measure one row; runs in a fresh process (see module docstring)."""
+    torch.set_num_threads(task['threads'])
+    desc = task['model']
+    MODELS = _registry()
+    from mmhat.models.layers import set_fused_attn
+    if task['attn'] is not None:
+        set_fused_attn(task['attn'] == 'fused')
+    device = torch.device(task['device'])
+    cfg = dict(desc['cfg'])
+    if task['with_cp']:
+        cfg['with_cp'] = True
+    model = MODELS.build(cfg).to(device)
+    train = task['mode'] == 'train'
+    model.train(train)
+    H, W = task['size']
+    x = torch.randn(task['batch'], 3, H, W, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+
+    if train:
+        def step():
+            outs = model(x)
+            # One scalar that depends on every output, so backward reaches every stage.
+            loss = sum(o.float().sum() for o in outs)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+    else:
+        def step():
+            with torch.inference_mode():
+                model(x)
+
+    # Memory: the first pass (one-time buffers included: a real first step pays them too).
+    gc.collect()
+    if device.type == 'cuda':
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        mem_method = 'cuda max_memory_allocated'
+    else:
+        mem_method = _reset_peak_rss()
+        base = _rss_kb(mem_method)
+        step()
+        peak_mb = (_peak_kb(mem_method) - base) / 1024
+    for _ in range(task['warmup'] - 1):
+        step()
+    result = dict(peak_mem_mb=peak_mb, mem_method=mem_method,
+                  params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
+    if task['flops']:
+        result['gflops'] = count_gflops(desc, model, (H, W)) * task['batch']
+    return result
+
+
+def run_matmul_task(n: int, runs: int, device: str, threads: int) -> Dict[str, Any]:
+    """Median time of a float32 ``n x n @ n x n`` and the rate in FLOP/s (FMA = 1 FLOP)."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dev) for _ in range(2))
+    fn = lambda: a @ b  # noqa: E731
+    _time_once(fn, dev)  # warm-up: library initialisation, GPU clocks
+    timing = _timed_runs(fn, dev, runs, max_seconds=30.0)
+    timing.update(n=n, gflops_per_s=n**3 / timing['latency_s'] / 1e9)
+    return timing
+
+
+def worker_main(task_json: str, result_path: str) -> int:
+    """Entry point of a measuring subprocess: one task in (JSON), one result out (file)."""
+    task = json.loads(task_json)
+    try:
+        result = run_model_task(task)
+    except Exception as e:  # reported as a row (e.g. out of memory), the run goes on
+        result = dict(error=f'{type(e).__name__}: {e}'[:500])
+    Path(result_path).write_text(json.dumps(result))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Orchestration (parent process)
+# ---------------------------------------------------------------------------------------
+def spawn(task: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+    """Measure ``task`` in a fresh interpreter; its threads follow ``task['threads']``."""
+    env = dict(os.environ)
+    n = str(task['threads'])
+    env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OMP_WAIT_POLICY=env.get(
+        'OMP_WAIT_POLICY', 'PASSIVE'), PYTHONWARNINGS='ignore')
+    # The worker imports mmhat the way the caller does (a checkout need not be installed).
+    env['PYTHONPATH'] = os.pathsep.join(
+        [str(TOOLS_DIR.parent)] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / 'result.json'
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), '--worker', json.dumps(task),
+                 '--worker-result', str(out)], env=env, capture_output=True, text=True,
+                timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return dict(error=f'worker exceeded {timeout:.0f} s')
+        if out.exists():
+            return json.loads(out.read_text())
+        # No result file: killed (e.g. by the OOM killer) or crashed before writing it.
+        tail = (proc.stderr or '').strip().splitlines()[-3:]
+        return dict(error=f'worker exited with {proc.returncode}: {" | ".join(tail)}'[:500])
+
+
+def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
+    """Every (size, model, mode, attention, with_cp) to measure; sizes outermost so the
+    rows compared with each other run close together in time."""
+    infer = [parse_size(s) for s in args.infer_sizes] + [parse_size(s) for s in args.sizes]
+    train = [parse_size(s) for s in args.train_sizes] + [parse_size(s) for s in args.sizes]
+    sizes = list(dict.fromkeys(infer + train))
+    attn_paths = ['fused', 'explicit'] if args.attn == 'both' else [args.attn]
+    cp_flags = {'off': [False], 'on': [True], 'both': [False, True]}[args.cp]
+    rows, counted = [], set()
+    for hw in sizes:
+        for m in models:
+            for mode in args.modes:
+                if hw not in (infer if mode == 'infer' else train):
+                    continue
+                for attn in (attn_paths if m['switchable_attn'] else [None]):
+                    for cp in (cp_flags if mode == 'train' else [False]):
+                        if cp and not m['supports_cp']:
+                            continue
+                        flops = mode == 'infer' and (m['key'], hw) not in counted
+                        if flops:
+                            counted.add((m['key'], hw))
+                        rows.append(dict(model=m, size=list(hw), mode=mode, attn=attn,
+                                         with_cp=cp, batch=args.batch_size,
+                                         threads=args.threads, device=args.device,
+                                         runs=args.runs, warmup=args.warmup,
+                                         max_seconds=args.max_seconds, flops=flops))
+    return rows
+
+
+def _fmt_size(hw: Sequence[int]) -> str:
+    return f'{hw[0]}x{hw[1]}'
+
+
+def measure_rows(rows: List[Dict[str, Any]], args) -> List[Dict[str, Any]]:
+    """Run every row (retrying ones measured on an oversubscribed machine)."""
+    busy_limit = (args.busy_cores if args.busy_cores is not None else
+                  max(0.5, (os.cpu_count() or 1) - args.threads))
+    results = []
+    for i, task in enumerate(rows, 1):
+        attempts = []
+        for attempt in range(args.retries + 1):
+            res = spawn(task, args.worker_timeout)
+            attempts.append(res)
+            busy = res.get('foreign_cores')
+            if 'error' in res or busy is None or busy <= busy_limit or args.device != 'cpu':
+                break
+            if attempt < args.retries:
+                print(f'    busy machine ({busy:.2f} foreign cores), retrying in '
+                      f'{args.retry_wait:.0f} s', file=sys.stderr, flush=True)
+                time.sleep(args.retry_wait)
+        ok = [a for a in attempts if 'error' not in a]
+        # Keep the least contended attempt; say how many there were.
+        res = min(ok, key=lambda a: a.get('foreign_cores') or 0.0) if ok else attempts[-1]
+        row = {k: v for k, v in task.items() if k not in ('model', 'flops')}
+        row.update(model=task['model']['label'], model_key=task['model']['key'],
+                   model_type=task['model']['type'], arch=task['model']['arch'],
+                   attempts=len(attempts), **res)
+        if 'latency_s' in row:
+            row['throughput'] = row['batch'] / row['latency_s']
+        results.append(row)
+        attn = f' {task["attn"]}' if task['attn'] else ''
+        cp = ' with_cp' if task['with_cp'] else ''
+        what = (f'{row["latency_s"] * 1e3:9.1f} ms  {row["peak_mem_mb"]:8.1f} MB  foreign '
+                f'{row["foreign_cores"] or 0:.2f} cores' if 'latency_s' in row else
+                row.get('error', '?'))
+        print(f'[{i}/{len(rows)}] {row["model"]} {_fmt_size(row["size"])} {row["mode"]}{attn}'
+              f'{cp}: {what}', file=sys.stderr, flush=True)
+    return results
+
+
+def add_ratios(results: List[Dict[str, Any]], matmul: Dict[str, Any],
+               ref: Optional[str]) -> None:
+    """Achieved FLOP/s, its fraction of the matmul rate, and ratios against the reference
+    peer's row with the same size and mode (and with_cp where the peer has it)."""
+    flops = {(r['model_key'], tuple(r['size'])): r['gflops'] for r in results if 'gflops' in r}
+    for r in results:
+        g = flops.get((r['model_key'], tuple(r['size'])))
+        if g is not None and r['mode'] == 'infer' and 'latency_s' in r:
+            r['gflops'] = g
+            r['achieved_gflops_per_s'] = g / r['latency_s']
+            r['matmul_fraction'] = r['achieved_gflops_per_s'] / matmul['gflops_per_s']
+        if ref is None or 'latency_s' not in r:
+            continue
+        peers = [p for p in results if p['model_key'] == ref and p['size'] == r['size']
+                 and p['mode'] == r['mode'] and 'latency_s' in p]
+        same_cp = [p for p in peers if p['with_cp'] == r['with_cp']]
+        peer = (same_cp or [p for p in peers if not p['with_cp']] or [None])[0]
+        if peer is not None:
+            r['vs_ref_speed'] = peer['latency_s'] / r['latency_s']
+            r['vs_ref_mem'] = (r['peak_mem_mb'] / peer['peak_mem_mb']
+                               if peer['peak_mem_mb'] > 0 else None)
+
+
+def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
+    """Fused/explicit and with_cp/plain ratios of the same model, size and mode."""
+    ok = [r for r in results if 'latency_s' in r]
+
+    def find(r, **kw):
+        for o in ok:
+            if all(o[k] == v for k, v in dict(model_key=r['model_key'], size=r['size'],
+                                                 mode=r['mode'], **kw).items()):
+                return o
+        return None
+
+    fused, cp = [], []
+    for r in ok:
+        if r['attn'] == 'fused':
+            e = find(r, attn='explicit', with_cp=r['with_cp'])
+            if e:
+                fused.append(dict(model=r['model'], size=r['size'], mode=r['mode'],
+                                  with_cp=r['with_cp'],
+                                  speedup=e['latency_s'] / r['latency_s'],
+                                  mem_ratio=r['peak_mem_mb'] / e['peak_mem_mb']))
+        if r['mode'] == 'train' and r['with_cp']:
+            p = find(r, attn=r['attn'], with_cp=False)
+            if p:
+                cp.append(dict(model=r['model'], size=r['size'], attn=r['attn'],
+                               mem_ratio=r['peak_mem_mb'] / p['peak_mem_mb'],
+                               time_ratio=r['latency_s'] / p['latency_s'],
+                               mem_mb=r['peak_mem_mb'], plain_mem_mb=p['peak_mem_mb']))
+    return dict(fused_vs_explicit=fused, with_cp_vs_plain=cp)
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------
+def _f(v: Optional[float], fmt: str = '.2f') -> str:
+    return '—' if v is None or (isinstance(v, float) and not math.isfinite(v)) else f'{v:{fmt}}'
+
+
+def to_markdown(report: Dict[str, Any]) -> str:
+    m, mm = report['machine'], report['matmul']
+    ref = report['settings']['ref_label']
+    mem_method = next((r['mem_method'] for r in report['results'] if 'mem_method' in r), '—')
+    lines = [
+        '# mmhat backbone benchmark', '',
+        f'- device: {m["device"]} ({m["device_name"]}), torch {m["torch"]}, mmdet {m["mmdet"]}, '
+        f'threads {m["threads"]} of {m["cpu_count"]} cores, OMP_WAIT_POLICY='
+        f'{m["omp_wait_policy"]}',
+        f'- machine load (1/5/15 min): start {m["load_average_start"]}, end '
+        f'{m["load_average_end"]}; foreign CPU during the rows: median '
+        f'{_f(m["foreign_cores_median"])} cores, max {_f(m["foreign_cores_max"])}',
+        f'- float32 matmul {mm["n"]}x{mm["n"]}: {mm["latency_s"] * 1e3:.1f} ms median = '
+        f'{mm["gflops_per_s"]:.1f} GFLOP/s (1 FMA = 1 FLOP, as get_flops counts)',
+        f'- batch {report["settings"]["batch_size"]}; median of up to '
+        f'{report["settings"]["runs"]} runs after {report["settings"]["warmup"]} warm-up; '
+        f'peak memory = rise during the first pass ({mem_method})',
+        '',
+    ]
+    vs = f' vs {ref}' if ref else ''
+    for mode, title, extra in (('infer', 'Inference', ['GFLOPs', 'GFLOP/s', '% of matmul']),
+                               ('train', 'Training step (forward + backward)', ['with_cp'])):
+        rows = [r for r in report['results'] if r['mode'] == mode]
+        if not rows:
+            continue
+        head = (['model', 'input', 'attention'] + (extra if mode == 'train' else []) +
+                ['latency (ms)', 'img/s', 'peak mem (MB)'] + (extra if mode == 'infer' else []) +
+                ([f'speed{vs}', f'memory{vs}'] if ref else []) + ['foreign CPU (cores)'])
+        lines += [f'## {title}', '', '| ' + ' | '.join(head) + ' |',
+                  '|' + '---|' * len(head)]
+        for r in rows:
+            cells = [r['model'], _fmt_size(r['size']), r['attn'] or '—']
+            if mode == 'train':
+                cells.append('on' if r['with_cp'] else 'off')
+            if 'latency_s' not in r:
+                cells += [f'error: {r.get("error", "?")}'] + [''] * (len(head) - len(cells) - 1)
+                lines.append('| ' + ' | '.join(cells) + ' |')
+                continue
+            cells += [_f(r['latency_s'] * 1e3, '.1f'), _f(r['throughput'], '.2f'),
+                      _f(r['peak_mem_mb'], '.0f')]
+            if mode == 'infer':
+                cells += [_f(r.get('gflops'), '.1f'), _f(r.get('achieved_gflops_per_s'), '.1f'),
+                          _f(100 * r['matmul_fraction'] if 'matmul_fraction' in r else None,
+                             '.0f')]
+            if ref:
+                cells += [_f(r.get('vs_ref_speed')), _f(r.get('vs_ref_mem'))]
+            cells.append(_f(r.get('foreign_cores')))
+            lines.append('| ' + ' | '.join(cells) + ' |')
+        lines.append('')
+    s = report['summaries']
+    if s['fused_vs_explicit']:
+        lines += ['## Fused (SDPA) vs explicit attention', '',
+                  '| model | input | mode | with_cp | speed-up (fused/explicit) | memory ratio '
+                  '(fused/explicit) |', '|---|---|---|---|---|---|']
+        for r in s['fused_vs_explicit']:
+            lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["mode"]} | '
+                         f'{"on" if r["with_cp"] else "off"} | {r["speedup"]:.2f} | '
+                         f'{r["mem_ratio"]:.2f} |')
+        lines.append('')
+    if s['with_cp_vs_plain']:
+        lines += ['## Activation checkpointing (with_cp) vs plain, training step', '',
+                  '| model | input | attention | peak mem plain (MB) | with_cp (MB) | memory ratio '
+                  '| time ratio |', '|---|---|---|---|---|---|---|']
+        for r in s['with_cp_vs_plain']:
+            lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["attn"] or "—"} | '
+                         f'{r["plain_mem_mb"]:.0f} | {r["mem_mb"]:.0f} | {r["mem_ratio"]:.2f} | '
+                         f'{r["time_ratio"]:.2f} |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def plot(report: Dict[str, Any], path: Path) -> None:
+    """Inference throughput and peak memory against input pixels, one line per model."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    series: Dict[str, List[Tuple[float, float, float]]] = {}
+    ticks: Dict[float, str] = {}
+    for r in report['results']:
+        if r['mode'] != 'infer' or 'latency_s' not in r:
+            continue
+        name = r['model'] + (f' ({r["attn"]})' if r['attn'] else '')
+        mpix = r['size'][0] * r['size'][1] / 1e6
+        ticks[mpix] = _fmt_size(r['size'])
+        series.setdefault(name, []).append((mpix, r['throughput'], r['peak_mem_mb']))
+    for name, pts in series.items():
+        pts.sort()
+        xs = [p[0] for p in pts]
+        ax_t.plot(xs, [p[1] for p in pts], marker='o', label=name)
+        ax_m.plot(xs, [p[2] for p in pts], marker='o', label=name)
+    for ax, ylabel in ((ax_t, 'throughput (images/s)'), (ax_m, 'inference peak memory (MB)')):
+        ax.set_xlabel('input size H x W (log pixels)')
+        ax.set_ylabel(ylabel)
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        # Tick the measured sizes themselves; plain numbers read better than 10^x here.
+        ax.set_xticks(sorted(ticks), [ticks[k] for k in sorted(ticks)], rotation=30,
+                      fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which='both', alpha=0.3)
+    m = report['machine']
+    fig.suptitle(f'{m["device_name"]}, {m["threads"]} thread(s), torch {m["torch"]}', fontsize=9)
+    ax_m.legend(fontsize=7, loc='best')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('models', nargs='*',
+                   help='registered backbones, optionally with :arch (mmhat.HATNet:tiny), '
+                        f'or peer keys ({", ".join(PEERS)})')
+    p.add_argument('--arch', help='arch of mmhat models given without :arch (default: the '
+                                  'first, smallest row of their arch_zoo)')
+    p.add_argument('--peers', nargs='+', default=list(DEFAULT_PEERS),
+                   help=f'peers measured alongside (default: all: {" ".join(DEFAULT_PEERS)}); '
+                        '"none" for none')
+    p.add_argument('--ref', help='the model the "vs" columns compare with (a peer key or a '
+                                 'label; default: PVTv2-B2, else ResNet-50, ... if measured)')
+    p.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
+    p.add_argument('--infer-sizes', nargs='+', default=list(DEFAULT_INFER_SIZES),
+                   metavar='HxW', help='inference sizes (default: 224 512 800x1216)')
+    p.add_argument('--train-sizes', nargs='+', default=list(DEFAULT_TRAIN_SIZES),
+                   metavar='HxW', help='training-step sizes (default: 800x1216)')
+    p.add_argument('--sizes', nargs='+', default=[], metavar='HxW',
+                   help='extra sizes for every mode, height first (800x1333 = H 800, W 1333)')
+    p.add_argument('--attn', choices=['fused', 'explicit', 'both'], default='fused',
+                   help='attention path of families with the shared softmax kernel')
+    p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
+                   help='with_cp for training rows (models without with_cp: off only)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch threads (default 1: shared 2-core machines, see docstring)')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--runs', type=int, default=5, help='timed passes per row (median)')
+    p.add_argument('--warmup', type=int, default=1,
+                   help='untimed passes first (>= 1; the first one measures memory)')
+    p.add_argument('--max-seconds', type=float, default=60.0,
+                   help=f'stop a row\'s timed passes after this long (>= {MIN_RUNS} kept)')
+    p.add_argument('--matmul-size', type=int, default=2048)
+    p.add_argument('--retries', type=int, default=0,
+                   help='re-measure a row this often while the machine was oversubscribed')
+    p.add_argument('--retry-wait', type=float, default=30.0, help='seconds before a retry')
+    p.add_argument('--busy-cores', type=float, default=None,
+                   help='foreign cores above which a row counts as contended (default: '
+                        'cores - threads, at least 0.5)')
+    p.add_argument('--worker-timeout', type=float, default=1800.0)
+    p.add_argument('--out', type=Path, help='write the markdown here, and the JSON next to it')
+    p.add_argument('--json', type=Path, help='write the JSON here (default: --out as .json)')
+    p.add_argument('--plot', type=Path, nargs='?', const=True, default=None,
+                   help='write a PNG (default path: --out as .png, else benchmark.png)')
+    p.add_argument('--quick', action='store_true',
+                   help=f'CI smoke run: {QUICK_MODEL} (or the first model) at {QUICK_SIZE}, no '
+                        'peers, 1 warm-up + 2 runs, with_cp off, fused attention')
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    p.add_argument('--worker-result', help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker, args.worker_result)
+    if args.quick:
+        args.models = args.models[:1] or [QUICK_MODEL]
+        args.peers, args.infer_sizes, args.train_sizes, args.sizes = [], [QUICK_SIZE], [
+            QUICK_SIZE], []
+        args.warmup, args.runs, args.cp, args.matmul_size = 1, 2, 'off', 512
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit('--device cuda given, but this torch sees no CUDA device')
+    args.warmup = max(1, args.warmup)
+    peers = [] if args.peers in (['none'], []) else args.peers
+    unknown = [p for p in peers if p.lower() not in PEERS]
+    if unknown:
+        raise SystemExit(f'unknown peers {unknown}; known: {", ".join(PEERS)}')
+    if not args.models and not peers:
+        raise SystemExit('give at least one model (e.g. mmhat.HATNet --arch tiny), a peer, '
+                         'or --quick')
+    models = []
+    for token in list(args.models) + [p for p in peers if p.lower() not in
+                                      [m.lower() for m in args.models]]:
+        models.append(resolve_model(token, args.arch))
+    keys = [m['key'] for m in models]
+    ref = args.ref.lower() if args.ref else next((k for k in REF_PREFERENCE if k in keys), None)
+    if ref is not None and ref not in keys:
+        by_label = {m['label'].lower(): m['key'] for m in models}
+        if ref not in by_label:
+            raise SystemExit(f'--ref {args.ref!r} is not among the measured models {keys}')
+        ref = by_label[ref]
+    ref_label = next((m['label'] for m in models if m['key'] == ref), None)
+
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.device, args.threads)
+    print(f'device {args.device} ({machine["device_name"]}), torch {torch.__version__}, '
+          f'{args.threads} thread(s) of {machine["cpu_count"]}, load average '
+          f'{machine["load_average_start"]}', file=sys.stderr, flush=True)
+    # The matmul runs here (the parent holds no model; threads are already set), not in a
+    # subprocess: one interpreter start less, which matters for --quick.
+    matmul = run_matmul_task(args.matmul_size, 5, args.device, args.threads)
+    print(f'matmul {args.matmul_size}^3: {matmul["gflops_per_s"]:.1f} GFLOP/s',
+          file=sys.stderr, flush=True)
+    results = measure_rows(plan_rows(models, args), args)
+    add_ratios(results, matmul, ref)
+    foreign = [r['foreign_cores'] for r in results if r.get('foreign_cores') is not None]
+    machine.update(load_average_end=load_average(),
+                   foreign_cores_median=statistics.median(foreign) if foreign else None,
+                   foreign_cores_max=max(foreign) if foreign else None)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if not k.startswith('worker')}
+    settings.update(ref=ref, ref_label=ref_label, min_runs=MIN_RUNS)
+    report = dict(machine=machine, settings=settings, matmul=matmul,
+                  models=models, results=results, summaries=summaries(results))
+    md = to_markdown(report)
+    print(md)
+    json_path = args.json or (args.out.with_suffix('.json') if args.out else None)
+    for path in (args.out, json_path, args.plot):
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if args.out:
+        args.out.write_text(md + '\n')
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1, default=str) + '\n')
+    if args.plot is not None:
+        path = (args.plot if isinstance(args.plot, Path) else
+                args.out.with_suffix('.png') if args.out else Path('benchmark.png'))
+        plot(report, path)
+        print(f'plot: {path}', file=sys.stderr)
+    errors = [r for r in results if 'error' in r]
+    return 1 if errors else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
