@@ -5,6 +5,7 @@
         [--launcher {none,pytorch,slurm,mpi}]
 """
 import argparse
+import os
 import sys
 import warnings
 
@@ -13,7 +14,8 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 from mmengine.config import DictAction  # noqa: E402
 
 import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
-from mmhat.engine import check_checkpoints, check_data, prepare_config, setup_cpu_distributed
+from mmhat.engine import (check_checkpoints, check_data, latest_complete_checkpoint,
+                          prepare_config, setup_cpu_distributed, use_atomic_checkpoints)
 
 
 def parse_args(argv=None):
@@ -58,9 +60,19 @@ def main(argv=None) -> int:
         return 2
     if args.amp:
         configure_amp(cfg)
+    use_atomic_checkpoints(cfg)
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
+        path, note = latest_complete_checkpoint(cfg.work_dir)
+        if note:
+            print(f'warning: {note}', file=sys.stderr)
+        if path is None:
+            print(f'--resume: no complete checkpoint in {cfg.work_dir}; starting from scratch',
+                  file=sys.stderr)
+        cfg.resume, cfg.load_from = path is not None, path
     elif args.resume is not None:
+        if not os.path.isfile(args.resume):
+            print(f'error: --resume checkpoint not found: {args.resume}', file=sys.stderr)
+            return 2
         cfg.resume, cfg.load_from = True, args.resume
 
     setup_cpu_distributed(cfg)

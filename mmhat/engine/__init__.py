@@ -1,9 +1,12 @@
 """Training-time pieces: CPU mixed precision and the helpers behind ``tools/``."""
 from .amp import BF16AutocastOptimWrapper
+from .checkpointing import (AtomicLocalBackend, is_complete_checkpoint,
+                            latest_complete_checkpoint, use_atomic_checkpoints)
 from .launch import (DataNotFoundError, check_checkpoints, check_data, prepare_config,
                      setup_cpu_distributed)
 
 __all__ = [
-    'BF16AutocastOptimWrapper', 'DataNotFoundError', 'check_checkpoints', 'check_data',
+    'AtomicLocalBackend', 'is_complete_checkpoint', 'latest_complete_checkpoint',
+    'use_atomic_checkpoints', 'BF16AutocastOptimWrapper', 'DataNotFoundError', 'check_checkpoints', 'check_data',
     'prepare_config', 'setup_cpu_distributed'
 ]
