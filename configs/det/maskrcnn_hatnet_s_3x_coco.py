@@ -1,0 +1,3 @@
+# Mask R-CNN 3x with multi-scale training, COCO, HAT-Net-Small backbone (configs/_base_/backbones/hatnet_s.py).
+_base_ = ['../_base_/det/maskrcnn_fpn_ms-crop-3x_coco.py', '../_base_/backbones/hatnet_s.py']
+model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))

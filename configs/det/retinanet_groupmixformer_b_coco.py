@@ -1,0 +1,4 @@
+# RetinaNet 1x, COCO, GroupMixFormer-B backbone (configs/_base_/backbones/groupmixformer_b.py).
+_base_ = ['../_base_/det/retinanet_fpn_1x_coco.py', '../_base_/backbones/groupmixformer_b.py']
+model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={{_base_.custom_keys}}))

@@ -1,0 +1,6 @@
+# UperNet 160k, ADE20K 512x512, Shunted-S backbone (configs/_base_/backbones/shunted_s.py).
+_base_ = ['../_base_/seg/upernet_160k_ade20k.py', '../_base_/backbones/shunted_s.py']
+model = dict(
+    backbone={{_base_.backbone}},
+    decode_head=dict(in_channels={{_base_.backbone_channels}}),
+    auxiliary_head=dict(in_channels=256))  # backbone_channels[2]
