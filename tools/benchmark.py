@@ -455,8 +455,10 @@ def _fmt_size(hw: Sequence[int]) -> str:
     return f'{hw[0]}x{hw[1]}'
 
 
-def measure_rows(rows: List[Dict[str, Any]], args) -> List[Dict[str, Any]]:
-    """Run every row (retrying ones measured on an oversubscribed machine)."""
+def measure_rows(rows: List[Dict[str, Any]], args,
+                 on_row=None) -> List[Dict[str, Any]]:
+    """Run every row (retrying ones measured on an oversubscribed machine); ``on_row``
+    gets the results so far after each row."""
     busy_limit = (args.busy_cores if args.busy_cores is not None else
                   max(0.5, (os.cpu_count() or 1) - args.threads))
     results = []
@@ -489,6 +491,8 @@ def measure_rows(rows: List[Dict[str, Any]], args) -> List[Dict[str, Any]]:
                 row.get('error', '?'))
         print(f'[{i}/{len(rows)}] {row["model"]} {_fmt_size(row["size"])} {row["mode"]}{attn}'
               f'{cp}: {what}', file=sys.stderr, flush=True)
+        if on_row is not None:
+            on_row(results)
     return results
 
 
@@ -762,7 +766,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     matmul = run_matmul_task(args.matmul_size, 5, args.device, args.threads)
     print(f'matmul {args.matmul_size}^3: {matmul["gflops_per_s"]:.1f} GFLOP/s',
           file=sys.stderr, flush=True)
-    results = measure_rows(plan_rows(models, args), args)
+    json_path = args.json or (args.out.with_suffix('.json') if args.out else None)
+    for path in (args.out, json_path, args.plot):
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save_partial(done: List[Dict[str, Any]]) -> None:
+        # Long runs on a shared machine get interrupted; keep what was measured.
+        if json_path:
+            json_path.write_text(json.dumps(dict(partial=True, machine=machine, matmul=matmul,
+                                                 results=done), indent=1, default=str))
+
+    results = measure_rows(plan_rows(models, args), args, save_partial)
     add_ratios(results, matmul, ref)
     foreign = [r['foreign_cores'] for r in results if r.get('foreign_cores') is not None]
     machine.update(load_average_end=load_average(),
@@ -771,14 +786,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if not k.startswith('worker')}
     settings.update(ref=ref, ref_label=ref_label, min_runs=MIN_RUNS)
-    report = dict(machine=machine, settings=settings, matmul=matmul,
+    report = dict(partial=False, machine=machine, settings=settings, matmul=matmul,
                   models=models, results=results, summaries=summaries(results))
     md = to_markdown(report)
     print(md)
-    json_path = args.json or (args.out.with_suffix('.json') if args.out else None)
-    for path in (args.out, json_path, args.plot):
-        if isinstance(path, Path):
-            path.parent.mkdir(parents=True, exist_ok=True)
     if args.out:
         args.out.write_text(md + '\n')
     if json_path:
