@@ -364,3 +364,16 @@ def test_readme_swap_into_an_existing_mm_config(tmp_path, scope):
     model = build_model(cfg)
     assert type(model.backbone).__name__ == 'HATNet'
     assert list(cfg.model.neck.in_channels) == model.backbone.out_channels
+
+
+def test_get_flops_of_a_whole_segmentor():
+    """tools/get_flops.py --config traces the full model; the backbone's share equals the
+    backbone measured alone at the same size."""
+    import runpy
+    tool = runpy.run_path(str(ROOT / 'tools' / 'get_flops.py'))
+    whole = tool['measure_config'](str(ROOT / 'configs/seg/fpn_hatnet_t_ade20k.py'), (256, 256))
+    alone = tool['measure']('mmhat.HATNet', 'tiny', (256, 256))
+    assert whole['input'] == '256x256'
+    assert whole['backbone_gflops'] == pytest.approx(alone['gflops'], rel=1e-6)
+    assert whole['gflops'] > whole['backbone_gflops'] > 0
+    assert whole['params'] > alone['params']
