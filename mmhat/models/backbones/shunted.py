@@ -58,7 +58,9 @@ def ceil_padding(size: int, kernel_size: int, stride: int, padding: int) -> int:
     0 for the official 3x3/2 (pad 1) convs, which already ceil; ``size % 2`` for a 2x2/2
     conv; ``(-size) % r`` for an ``r x r`` stride-``r`` conv.
     """
-    out = -(-size // stride)
+    # (size + stride - 1) // stride, not -(-size // stride): under ONNX tracing ``size`` is
+    # a traced int and ONNX's integer Div truncates, which turns the latter into a floor.
+    out = (size + stride - 1) // stride
     return max(0, (out - 1) * stride + kernel_size - 2 * padding - size)
 
 
