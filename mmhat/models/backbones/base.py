@@ -17,8 +17,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from mmhat.checkpoint import (CheckpointError, Conversion, extract_state_dict,
-                              load_checkpoint_file, load_state_dict_strict)
+from mmhat.checkpoint import (CheckpointError, Conversion, DropRule, RenameRule,
+                              convert_state_dict, extract_state_dict, load_checkpoint_file,
+                              load_state_dict_strict)
 
 
 class PyramidBackbone(BaseModule):
@@ -156,10 +157,23 @@ class PyramidBackbone(BaseModule):
                              f'the image')
 
     # ---------------------------------------------------------------- weights
-    @staticmethod
-    def convert_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Conversion:
-        """Official -> mmhat key conversion of the family (pure function)."""
-        raise NotImplementedError
+    #: official key -> mmhat key, ``(regex, replacement)`` applied in order to every key
+    official_rename_rules: Sequence[RenameRule] = ()
+    #: official keys the backbone does not use, ``(regex, reason)``; dropped and reported
+    official_drop_rules: Sequence[DropRule] = ()
+    #: keys under these prefixes mean the checkpoint is already in mmhat format
+    native_prefixes: Tuple[str, ...] = ('stem.', 'stages.')
+
+    @classmethod
+    def official_rules(cls, state_dict: Dict[str, torch.Tensor]) -> Sequence[RenameRule]:
+        """The rename rules for this checkpoint (a family may derive one from its keys)."""
+        return cls.official_rename_rules
+
+    @classmethod
+    def convert_checkpoint(cls, state_dict: Dict[str, torch.Tensor]) -> Conversion:
+        """Official -> mmhat keys of the family, a pure function (unchanged if already mmhat)."""
+        return convert_state_dict(state_dict, cls.official_rules(state_dict),
+                                  cls.official_drop_rules, cls.native_prefixes)
 
     def init_default_weights(self) -> None:
         """The official random initialisation of the family."""

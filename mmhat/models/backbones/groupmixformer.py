@@ -22,7 +22,7 @@ official model runs.
 """
 import math
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
@@ -30,7 +30,6 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
-from mmhat.checkpoint import Conversion, convert_state_dict
 from mmhat.registry import MODELS
 from ..layers import nchw_to_nlc, nlc_to_nchw
 from .base import PyramidBackbone
@@ -623,9 +622,3 @@ class GroupMixFormer(PyramidBackbone):
         (r'^head\.', 'classification head'),
         (r'^norm4\.', 'classification-only norm before pooling'),
     ]
-
-    @classmethod
-    def convert_checkpoint(cls, state_dict: Dict[str, torch.Tensor]) -> Conversion:
-        """Official checkpoint -> mmhat keys (unchanged if already mmhat)."""
-        return convert_state_dict(state_dict, cls.official_rename_rules,
-                                  cls.official_drop_rules, native_prefixes=('stem.', 'stages.'))

@@ -18,7 +18,7 @@ every pooled token is the mean of valid pixels only. The outputs at valid positi
 therefore independent of the internal padding, and identical to the official model when no
 padding is needed.
 """
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,6 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
-from mmhat.checkpoint import Conversion, convert_state_dict
 from mmhat.registry import MODELS
 from ..layers import (attention, crop, pad_amounts, pad_bottom_right, use_fused_attn,
                       window_partition, window_reverse)
@@ -355,9 +354,3 @@ class HATNet(PyramidBackbone):
         (r'^classifier\.', 'classification head'),
         (r'\.attn\.proj_norm\.', 'never used by the official forward'),
     ]
-
-    @classmethod
-    def convert_checkpoint(cls, state_dict: Dict[str, torch.Tensor]) -> Conversion:
-        """Official checkpoint -> mmhat keys (unchanged if already mmhat)."""
-        return convert_state_dict(state_dict, cls.official_rename_rules,
-                                  cls.official_drop_rules, native_prefixes=('stem.', 'stages.'))

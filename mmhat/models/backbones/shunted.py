@@ -24,7 +24,6 @@ from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
-from mmhat.checkpoint import Conversion, convert_state_dict
 from mmhat.registry import MODELS
 from ..layers import (attention, nchw_to_nlc, nlc_to_nchw, pad_amounts, pad_bottom_right,
                       use_fused_attn)
@@ -424,13 +423,12 @@ class ShuntedTransformer(PyramidBackbone):
     official_drop_rules = [(r'^head\.', 'classification head')]
 
     @classmethod
-    def convert_checkpoint(cls, state_dict: Dict[str, torch.Tensor]) -> Conversion:
-        """Official checkpoint -> mmhat keys (unchanged if already mmhat)."""
+    def official_rules(cls, state_dict: Dict[str, torch.Tensor]) -> List[Tuple]:
+        """The table, plus the stem's last Sequential index (its depth varies by variant)."""
         stem_indices = [int(m[1]) for m in (re.match(r'patch_embed1\.conv\.(\d+)\.', k)
                                             for k in state_dict) if m]
         rules = list(cls.official_rename_rules)
         if stem_indices:  # the last stem index is the 2x2 patch-merging conv
             rules.insert(0, (rf'^patch_embed1\.conv\.{max(stem_indices)}\.',
                              'stages.0.patch_embed.proj.'))
-        return convert_state_dict(state_dict, rules, cls.official_drop_rules,
-                                  native_prefixes=('stem.', 'stages.'))
+        return rules
