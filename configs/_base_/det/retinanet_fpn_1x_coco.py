@@ -1,20 +1,10 @@
-# RetinaNet + FPN, COCO, 1x with the PVT recipe: as Mask R-CNN's (see
-# maskrcnn_fpn_1x_coco.py) with lr 1e-4. Users of this base set the backbone and the
-# neck's `in_channels`.
+# RetinaNet + FPN, COCO, 1x with PVT's schedule (../schedules/pvt_adamw_1x.py) at lr 1e-4,
+# 1333x800. A config that uses this base sets the backbone and the neck's `in_channels`.
 _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',
     'mmdet::_base_/datasets/coco_detection.py',
-    'mmdet::_base_/schedules/schedule_1x.py',
+    '../schedules/pvt_adamw_1x.py',
     'mmdet::_base_/default_runtime.py',
 ]
-
-optim_wrapper = dict(
-    type='OptimWrapper',
-    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, weight_decay=1e-4),
-    paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0))
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=12, by_epoch=True, milestones=[8, 11], gamma=0.1),
-]
-train_dataloader = dict(batch_size=2, num_workers=2)
-auto_scale_lr = dict(enable=False, base_batch_size=16)
+optim_wrapper = dict(optimizer=dict(lr=1e-4))
+train_dataloader = dict(batch_size=2, num_workers=2)  # x 8 GPUs = 16
