@@ -48,7 +48,7 @@ def test_markdown_has_machine_and_one_row_per_mode(quick_run):
     rows = [ln for ln in md.splitlines() if ln.startswith('| ShuntedTransformer-tiny |')]
     assert len(rows) == 2  # one inference row, one training row
     infer, train = (ln.strip('|').split('|') for ln in rows)
-    assert len(infer) == 10 and len(train) == 8  # the header widths of the two tables
+    assert len(infer) == 11 and len(train) == 9  # the header widths of the two tables
     for cells in (infer, train):
         assert cells[1].strip() == '128x128' and cells[2].strip() == 'fused'
         assert 'error' not in '|'.join(cells)
@@ -71,6 +71,7 @@ def test_json_has_every_raw_number(quick_run):
             assert positive(r[key]), (key, r[key])
         assert all(positive(t) for t in r['latency_all_s'])
         assert r['foreign_cores'] is None or r['foreign_cores'] >= 0
+        assert positive(r['own_cpu_share'])
     infer = results[0]
     for key in ('gflops', 'achieved_gflops_per_s', 'matmul_fraction'):
         assert positive(infer[key]), (key, infer[key])
@@ -86,6 +87,8 @@ def test_size_parsing_and_model_resolution():
     assert shunted['label'] == 'ShuntedTransformer-small' and shunted['switchable_attn']
     gmf = tool.resolve_model('mmhat.GroupMixFormer')  # smallest row by default
     assert gmf['arch'] == 'mini' and not gmf['switchable_attn'] and gmf['supports_cp']
+    # TransCNN's attention is HAT-Net's module: it has both paths too.
+    assert tool.resolve_model('mmhat.TransCNN')['switchable_attn']
     pvt = tool.resolve_model('pvtv2-b2')  # mmdet's PVTv2 has no with_cp
-    assert pvt['label'] == 'PVTv2-B2' and not pvt['supports_cp']
+    assert pvt['label'] == 'PVTv2-B2' and not pvt['supports_cp'] and not pvt['switchable_attn']
     assert tool.resolve_model('r50')['supports_cp']

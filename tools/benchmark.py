@@ -111,6 +111,11 @@ class CpuSample:
         busy = (later.busy - self.busy) / os.sysconf('SC_CLK_TCK')
         return max(0.0, (busy - (later.own - self.own)) / wall)
 
+    def own_share(self, later: 'CpuSample') -> float:
+        """CPU this process got per second of wall time: ~threads on a free machine, less
+        when the scheduler time-slices it with other work (the direct sign of contention)."""
+        return (later.own - self.own) / max(later.wall - self.wall, 1e-9)
+
 
 def load_average() -> Optional[List[float]]:
     try:
@@ -217,14 +222,23 @@ def resolve_model(token: str, default_arch: Optional[str] = None) -> Dict[str, A
             cfg = dict(type=type_name)
             label = cls.__name__
     cls = MODELS.get(type_name)
-    module = sys.modules[cls.__module__]
     return dict(
         key=token.lower() if token.lower() in PEERS else label, label=label, cfg=cfg,
         type=type_name, arch=cfg.get('arch'), is_mmhat=type_name.startswith('mmhat.'),
-        supports_cp=_accepts(cls, 'with_cp'),
-        # A family whose module calls the shared kernel's switch has a fused (SDPA) and an
-        # explicit path; GroupMixFormer's linear attention and the peers have one path.
-        switchable_attn=hasattr(module, 'use_fused_attn'))
+        supports_cp=_accepts(cls, 'with_cp'), switchable_attn=uses_attention_switch(cfg))
+
+
+def uses_attention_switch(cfg: dict) -> bool:
+    """Whether the model has a fused (SDPA) and an explicit attention path to compare.
+
+    True when one of its submodules is defined next to the shared kernel's switch
+    (``use_fused_attn``): TransCNN's attention is HAT-Net's ``HMHSA``, so the family file
+    alone does not tell. GroupMixFormer's linear attention and the peers have one path.
+    Building the model costs well under a second and no input is run.
+    """
+    model = _registry().build(cfg)
+    names = {type(m).__module__ for m in model.modules()}
+    return any(hasattr(sys.modules[n], 'use_fused_attn') for n in names if n in sys.modules)
 
 
 # ---------------------------------------------------------------------------------------
@@ -282,18 +296,20 @@ def _time_once(fn, device: torch.device) -> float:
 
 def _timed_runs(fn, device: torch.device, runs: int, max_seconds: float) -> Dict[str, Any]:
     """Run ``fn`` up to ``runs`` times (at least ``MIN_RUNS`` when time runs out)."""
-    times, foreign = [], []
+    times, foreign, share = [], [], []
     start = time.perf_counter()
     for i in range(runs):
         before = CpuSample()
         times.append(_time_once(fn, device))
-        foreign.append(before.foreign_cores(CpuSample()))
+        after = CpuSample()
+        foreign.append(before.foreign_cores(after))
+        share.append(before.own_share(after))
         if i + 1 >= min(runs, MIN_RUNS) and time.perf_counter() - start > max_seconds:
             break
     known = [f for f in foreign if f is not None]
     return dict(latency_s=statistics.median(times), latency_all_s=times,
                 foreign_cores=statistics.median(known) if known else None,
-                foreign_cores_all=foreign)
+                foreign_cores_all=foreign, own_cpu_share=statistics.median(share))
 
 
 def count_gflops(model_desc: Dict[str, Any], model: torch.nn.Module,
@@ -487,7 +503,8 @@ def measure_rows(rows: List[Dict[str, Any]], args,
         attn = f' {task["attn"]}' if task['attn'] else ''
         cp = ' with_cp' if task['with_cp'] else ''
         what = (f'{row["latency_s"] * 1e3:9.1f} ms  {row["peak_mem_mb"]:8.1f} MB  foreign '
-                f'{row["foreign_cores"] or 0:.2f} cores' if 'latency_s' in row else
+                f'{row["foreign_cores"] or 0:.2f} cores, own {row["own_cpu_share"]:.2f}'
+                if 'latency_s' in row else
                 row.get('error', '?'))
         print(f'[{i}/{len(rows)}] {row["model"]} {_fmt_size(row["size"])} {row["mode"]}{attn}'
               f'{cp}: {what}', file=sys.stderr, flush=True)
@@ -567,7 +584,9 @@ def to_markdown(report: Dict[str, Any]) -> str:
         f'{m["omp_wait_policy"]}',
         f'- machine load (1/5/15 min): start {m["load_average_start"]}, end '
         f'{m["load_average_end"]}; foreign CPU during the rows: median '
-        f'{_f(m["foreign_cores_median"])} cores, max {_f(m["foreign_cores_max"])}',
+        f'{_f(m["foreign_cores_median"])} cores, max {_f(m["foreign_cores_max"])}; CPU the '
+        f'measured process got: median {_f(m["own_cpu_share_median"])} cores (of '
+        f'{m["threads"]} thread(s) asked)',
         f'- float32 matmul {mm["n"]}x{mm["n"]}: {mm["latency_s"] * 1e3:.1f} ms median = '
         f'{mm["gflops_per_s"]:.1f} GFLOP/s (1 FMA = 1 FLOP, as get_flops counts)',
         f'- batch {report["settings"]["batch_size"]}; median of up to '
@@ -583,7 +602,8 @@ def to_markdown(report: Dict[str, Any]) -> str:
             continue
         head = (['model', 'input', 'attention'] + (extra if mode == 'train' else []) +
                 ['latency (ms)', 'img/s', 'peak mem (MB)'] + (extra if mode == 'infer' else []) +
-                ([f'speed{vs}', f'memory{vs}'] if ref else []) + ['foreign CPU (cores)'])
+                ([f'speed{vs}', f'memory{vs}'] if ref else []) +
+                ['foreign CPU (cores)', 'own CPU (cores)'])
         lines += [f'## {title}', '', '| ' + ' | '.join(head) + ' |',
                   '|' + '---|' * len(head)]
         for r in rows:
@@ -602,7 +622,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
                              '.0f')]
             if ref:
                 cells += [_f(r.get('vs_ref_speed')), _f(r.get('vs_ref_mem'))]
-            cells.append(_f(r.get('foreign_cores')))
+            cells += [_f(r.get('foreign_cores')), _f(r.get('own_cpu_share'))]
             lines.append('| ' + ' | '.join(cells) + ' |')
         lines.append('')
     s = report['summaries']
@@ -780,9 +800,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = measure_rows(plan_rows(models, args), args, save_partial)
     add_ratios(results, matmul, ref)
     foreign = [r['foreign_cores'] for r in results if r.get('foreign_cores') is not None]
+    share = [r['own_cpu_share'] for r in results if 'own_cpu_share' in r]
     machine.update(load_average_end=load_average(),
                    foreign_cores_median=statistics.median(foreign) if foreign else None,
-                   foreign_cores_max=max(foreign) if foreign else None)
+                   foreign_cores_max=max(foreign) if foreign else None,
+                   own_cpu_share_median=statistics.median(share) if share else None)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if not k.startswith('worker')}
     settings.update(ref=ref, ref_label=ref_label, min_runs=MIN_RUNS)
