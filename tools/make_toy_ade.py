@@ -7,8 +7,9 @@ Four classes: ``background`` (0) and three kinds of flat shapes, ``circle`` (1),
 (2) and ``triangle`` (3), one to five per image with random sizes, rotations, colours and
 positions on a lightly textured background. Shapes may overlap; the label map is painted with
 the same polygons in the same order as the image, by the same rasteriser, so every pixel's
-label is exactly the class of what is visible there. Colours are random, so a class can only
-be told by its shape.
+label is exactly the class of what is visible there. Each class has its own hue (jittered per
+shape) besides its shape: with shape alone, HAT-Net-T trained from scratch reached only 0.48
+mIoU after 256 iterations, too slow for a toy whose job is to show that training works.
 
 Output (mmseg's ``BaseSegDataset`` layout, what ``configs/seg/fpn_hatnet_t_toy.py`` expects)::
 
@@ -33,10 +34,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 #: bump when the images or labels would change for the same parameters
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASSES = ('background', 'circle', 'square', 'triangle')
 PALETTE = [(0, 0, 0), (220, 20, 60), (0, 130, 230), (20, 200, 60)]
+#: the mean colour of each shape class (index 0, background, is drawn separately)
+CLASS_COLOURS = [(0, 0, 0), (220, 60, 60), (60, 110, 230), (60, 210, 80)]
 SIDES = {'circle': 32, 'square': 4, 'triangle': 3}  # a 32-gon is a circle at these sizes
+#: radius factor giving each shape the area of a circle of the drawn radius: inscribed in the
+#: same circle a triangle covers 41% of it, and training from scratch ignored the rare class
+AREA_SCALE = {kind: math.sqrt(math.pi / (0.5 * n * math.sin(2 * math.pi / n)))
+              for kind, n in SIDES.items()}
 MARKER = '.toy_ade_done'
 SPLITS = ('train', 'val')
 
@@ -60,12 +67,15 @@ def make_sample(rng: np.random.Generator, size: int, max_objects: int
     draw_img, draw_label = ImageDraw.Draw(img), ImageDraw.Draw(label)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         class_id = int(rng.integers(1, len(CLASSES)))
-        radius = float(rng.uniform(0.10, 0.25) * size)
+        radius = float(rng.uniform(0.08, 0.20) * size)
         cx, cy = (float(v) for v in rng.uniform(radius, size - radius, size=2))
-        poly = shape_polygon(SIDES[CLASSES[class_id]], cx, cy, radius,
+        kind = CLASSES[class_id]
+        poly = shape_polygon(SIDES[kind], cx, cy, radius * AREA_SCALE[kind],
                              float(rng.uniform(0, 2 * math.pi)))
-        # bright colours, so every shape stands out of the dim background
-        draw_img.polygon(poly, fill=tuple(int(c) for c in rng.integers(120, 256, size=3)))
+        # the class's colour, jittered; bright, so every shape stands out of the background
+        colour = np.clip(np.array(CLASS_COLOURS[class_id]) + rng.integers(-40, 41, size=3),
+                         0, 255)
+        draw_img.polygon(poly, fill=tuple(int(c) for c in colour))
         draw_label.polygon(poly, fill=class_id)  # later shapes cover earlier ones in both
     return np.asarray(img), np.asarray(label)
 
