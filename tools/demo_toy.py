@@ -2,7 +2,7 @@
 
     python tools/demo_toy.py [--work-dir work_dirs/maskrcnn_hatnet_t_toy]
         [--data-root data/toy_coco] [--config configs/det/maskrcnn_hatnet_t_toy.py]
-        [--image 0] [--score-thr 0.3] [--cfg-options k=v ...]
+        [--image 0] [--score-thr 0.5] [--cfg-options k=v ...]
 
 1. ``tools/make_toy_coco.py`` writes the synthetic shapes set (skipped when complete);
 2. ``tools/train.py`` trains Mask R-CNN + HAT-Net-Tiny from scratch on the CPU (or GPU) and
@@ -42,7 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--data-root', default='data/toy_coco')
     parser.add_argument('--image', type=int, default=0,
                         help='index of the validation image to draw')
-    parser.add_argument('--score-thr', type=float, default=0.3,
+    parser.add_argument('--score-thr', type=float, default=0.5,
                         help='draw predictions above this score')
     parser.add_argument('--device', default=None, help='inference device (default: cuda if '
                         'available, else cpu)')
