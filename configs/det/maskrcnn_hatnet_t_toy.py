@@ -70,4 +70,7 @@ param_scheduler = [
 ]
 default_hooks = dict(logger=dict(interval=10),
                      checkpoint=dict(interval=1, max_keep_ckpts=3))
+# an epoch's randomness depends on (seed, epoch) only, so a resumed run repeats the
+# uninterrupted one exactly
+custom_hooks = [dict(type='mmhat.EpochSeedHook')]
 randomness = dict(seed=0, deterministic=True)

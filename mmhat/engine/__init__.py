@@ -2,12 +2,12 @@
 from .amp import BF16AutocastOptimWrapper
 from .checkpointing import (AtomicLocalBackend, is_complete_checkpoint,
                             latest_complete_checkpoint, use_atomic_checkpoints)
-from .hooks import EpochSeedHook  # noqa: F401  registers mmhat.EpochSeedHook
+from .hooks import EpochSeedHook
 from .launch import (DataNotFoundError, check_checkpoints, check_data, prepare_config,
                      setup_cpu_distributed)
 
 __all__ = [
-    'AtomicLocalBackend', 'is_complete_checkpoint', 'latest_complete_checkpoint',
-    'use_atomic_checkpoints', 'BF16AutocastOptimWrapper', 'DataNotFoundError', 'check_checkpoints', 'check_data',
-    'prepare_config', 'setup_cpu_distributed'
+    'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'DataNotFoundError', 'EpochSeedHook',
+    'check_checkpoints', 'check_data', 'is_complete_checkpoint', 'latest_complete_checkpoint',
+    'prepare_config', 'setup_cpu_distributed', 'use_atomic_checkpoints'
 ]

@@ -15,14 +15,9 @@ import numpy as np
 import torch
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
-from mmengine.registry import HOOKS as MMENGINE_HOOKS
-from mmengine.registry import Registry
 from mmengine.runner import EpochBasedTrainLoop
 
-try:  # the registry belongs in mmhat.registry, next to MODELS and OPTIM_WRAPPERS ...
-    from mmhat.registry import HOOKS
-except ImportError:  # ... until it is added there: a scope may have only one child registry
-    HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmhat', locations=['mmhat.engine'])
+from mmhat.registry import HOOKS
 
 
 def epoch_seed(base_seed: int, epoch: int) -> int:
