@@ -10,7 +10,7 @@ checked with hypothesis for every family's smallest variant (random init, seed 0
   (up to float rounding of batched kernels, bound 1e-5 of the stage's max).
 
 Examples are derandomised (the same on every run and in CI) and kept small: sides 32-200,
-batches of 1-3, about 45 s for the file on one thread.
+batches of 1-3, about 20 s for the file on one idle thread.
 """
 import math
 from functools import lru_cache
