@@ -78,7 +78,8 @@ def test_use_atomic_checkpoints_respects_user_backends():
 def test_bf16_autocast_optim_wrapper_trains_in_bf16():
     from mmhat.registry import OPTIM_WRAPPERS
     model = torch.nn.Linear(8, 4)
-    wrapper = OPTIM_WRAPPERS.build(dict(type='BF16AutocastOptimWrapper',
+    # scoped, as configs name it: the default scope may be mmdet's or mmseg's
+    wrapper = OPTIM_WRAPPERS.build(dict(type='mmhat.BF16AutocastOptimWrapper',
                                         optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
     with wrapper.optim_context(model):
         out = model(torch.randn(2, 8))

@@ -215,7 +215,7 @@ def test_torch_compile_graph_capture_matches_eager(family):
 def test_torch_compile_inductor_matches_eager():
     """The full inductor pipeline on CPU, for one family (Shunted: ~100 s cold on 2 cores;
     each family takes 100-210 s, so the other three are covered by the capture test)."""
-    model, x = build('shunted'), image(224, 224)
+    model, x = build('ShuntedTransformer'), image(224, 224)
     torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=False)
     with torch.no_grad():
