@@ -18,7 +18,6 @@ The output is byte-identical for the same parameters (one seeded ``numpy`` gener
 without timestamps, JSON with fixed key order and rounded floats). When the marker matches
 the requested parameters and the files exist, nothing is regenerated (``--force`` redoes it).
 """
-import argparse
 import json
 import math
 import os
@@ -30,23 +29,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # run as a script or by runpy
+from toy_data import (SIDES, Polygon, clear_marker, generator_params,  # noqa: E402
+                      marker_matches, parse_toy_args, regular_polygon, write_marker)
+
 #: bump when the images or annotations would change for the same parameters
 GENERATOR_VERSION = 1
 CLASSES = ('circle', 'square', 'triangle')
 MARKER = '.toy_coco_done'
 SPLITS = ('train', 'val')
 
-Polygon = List[Tuple[float, float]]
-
-
 def shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> Polygon:
-    """Vertices of a shape inscribed in the circle ``(cx, cy, radius)``, rotated by ``angle``.
-
-    Circles are 32-gons: fine enough that the drawn disc and its COCO polygon agree to a pixel.
-    """
-    sides = {'circle': 32, 'square': 4, 'triangle': 3}[kind]
-    return [(cx + radius * math.cos(angle + 2 * math.pi * k / sides),
-             cy + radius * math.sin(angle + 2 * math.pi * k / sides)) for k in range(sides)]
+    """Vertices of a ``kind`` inscribed in the circle ``(cx, cy, radius)``, rotated by ``angle``."""
+    return regular_polygon(SIDES[kind], cx, cy, radius, angle)
 
 
 def polygon_area(poly: Polygon) -> float:
@@ -101,18 +96,9 @@ def _annotation(ann_id: int, image_id: int, obj: Dict, size: int) -> Dict:
         iscrowd=0)
 
 
-def _params(num_train: int, num_val: int, size: int, seed: int, max_objects: int) -> Dict:
-    return dict(version=GENERATOR_VERSION, num_train=num_train, num_val=num_val, size=size,
-                seed=seed, max_objects=max_objects)
-
-
 def is_complete(out: str, params: Dict) -> bool:
     """Whether ``out`` already holds a finished set generated with exactly ``params``."""
-    try:
-        with open(osp.join(out, MARKER)) as f:
-            if json.load(f) != params:
-                return False
-    except (OSError, ValueError):
+    if not marker_matches(out, MARKER, params):
         return False
     for split in SPLITS:
         n = params[f'num_{split}']
@@ -131,12 +117,10 @@ def make_toy_coco(out: str = 'data/toy_coco', num_train: int = 240, num_val: int
     Train and val come from separate generators (``seed`` and ``seed + 1``), so changing
     ``num_train`` does not change the validation images.
     """
-    params = _params(num_train, num_val, size, seed, max_objects)
+    params = generator_params(GENERATOR_VERSION, num_train, num_val, size, seed, max_objects)
     if not force and is_complete(out, params):
         return False
-    # drop the marker first, write it last: an interrupted run is never taken for complete
-    if osp.exists(osp.join(out, MARKER)):
-        os.remove(osp.join(out, MARKER))
+    clear_marker(out, MARKER)  # written last: an interrupted run is never taken for complete
     os.makedirs(osp.join(out, 'annotations'), exist_ok=True)
     categories = [dict(id=i + 1, name=name, supercategory='shape')
                   for i, name in enumerate(CLASSES)]
@@ -157,27 +141,14 @@ def make_toy_coco(out: str = 'data/toy_coco', num_train: int = 240, num_val: int
                     images=images, annotations=annotations, categories=categories)
         with open(osp.join(out, 'annotations', f'instances_{split}.json'), 'w') as f:
             json.dump(coco, f, separators=(',', ':'))
-    with open(osp.join(out, MARKER), 'w') as f:
-        json.dump(params, f)
+    write_marker(out, MARKER, params)
     return True
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--out', default='data/toy_coco', help='output folder')
-    parser.add_argument('--num-train', type=int, default=240, help='training images')
-    parser.add_argument('--num-val', type=int, default=40, help='validation images')
-    parser.add_argument('--size', type=int, default=160, help='image side in pixels')
-    parser.add_argument('--seed', type=int, default=0, help='random seed')
-    parser.add_argument('--max-objects', type=int, default=4, help='shapes per image, at most')
-    parser.add_argument('--force', action='store_true', help='regenerate even if complete')
-    return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = parse_args(argv)
+    args = parse_toy_args(argv, __doc__, out='data/toy_coco', num_train=240, num_val=40,
+                          size=160, max_objects=4)
     made = make_toy_coco(args.out, args.num_train, args.num_val, args.size, args.seed,
                          args.max_objects, args.force)
     print(f'{"wrote" if made else "up to date:"} toy COCO set in {args.out} '
