@@ -57,3 +57,20 @@ def check_with_cp_equals_plain(model: torch.nn.Module, x: torch.Tensor, **forwar
     assert missing == [], f'parameters without gradient: {missing[:5]}'
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def check_fused_equals_explicit(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The fused (SDPA) and explicit attention paths give the same outputs (modules built
+    with ``fused=None`` follow the process-wide default switched here)."""
+    from mmhat.models.layers import set_fused_attn, use_fused_attn
+    before = use_fused_attn()
+    try:
+        with torch.no_grad():
+            set_fused_attn(True)
+            fused = model(x)
+            set_fused_attn(False)
+            explicit = model(x)
+    finally:
+        set_fused_attn(before)
+    for u, v in zip(fused, explicit):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)

@@ -51,9 +51,14 @@ def test_arch_dict_missing_a_key(family):
 @pytest.mark.parametrize('family', FAMILIES)
 @pytest.mark.parametrize('kwargs,match', [
     (dict(out_indices=(0, 4)), r'out_indices must be stage indices in \[0, 3\], got \(0, 4\)'),
+    (dict(out_indices=(-1, )), r'out_indices must be stage indices in \[0, 3\], got \(-1,\)'),
+    (dict(out_indices=()), r'out_indices must be stage indices in \[0, 3\], got \(\)'),
     (dict(out_indices=(2, 1)), 'out_indices must be increasing and unique'),
     (dict(frozen_stages=5), r'frozen_stages must be an int in \[-1, 4\]'),
-], ids=['out_of_range', 'unordered', 'frozen'])
+    (dict(frozen_stages=-2), r'frozen_stages must be an int in \[-1, 4\]'),
+    (dict(frozen_stages=1.5), r'frozen_stages must be an int in \[-1, 4\]'),
+], ids=['out_of_range', 'negative', 'empty', 'unordered', 'frozen', 'frozen_negative',
+        'frozen_float'])
 def test_bad_stage_arguments(family, kwargs, match):
     with pytest.raises(ValueError, match=match):
         build(family, **kwargs)
