@@ -5,7 +5,9 @@ against the family's ``arch_zoo``, validating ``out_indices`` / ``frozen_stages`
 freezing, ``norm_eval``, activation checkpointing, input checks, and loading official
 checkpoints through :mod:`mmhat.checkpoint`. A family defines ``self.stem`` (module run
 before stage 0) and ``self.stages`` (one module per stage, holding everything frozen with
-that stage), its ``arch_zoo``, and ``convert_checkpoint``.
+that stage), its ``arch_zoo``, and the tables ``official_rename_rules`` /
+``official_drop_rules`` that :meth:`PyramidBackbone.convert_checkpoint` applies to official
+checkpoints.
 """
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
