@@ -35,6 +35,23 @@ def test_masked_keys_get_no_weight():
                                    attention(q, k, changed, 1.0, mask, fused))
 
 
+def test_fused_path_never_falls_back_to_the_math_kernel():
+    """Head-split views of NCHW maps have stride N along d; SDPA would then run its math
+    backend (the full N_q x N_k matrix). The kernel must hand it unit-stride operands."""
+    from torch.profiler import profile
+    torch.manual_seed(0)
+    maps = torch.randn(1, 2 * 16, 24, 20)  # (B, h*d, H, W) as HAT-Net's 1x1 convs give
+    q = maps.view(1, 2, 16, 480).transpose(-2, -1)  # (B, h, N, d), stride(-1) == N
+    kv = maps[..., ::4, ::4].reshape(1, 2, 16, 30).transpose(-2, -1)
+    assert q.stride(-1) != 1
+    with profile() as prof:
+        out = attention(q, kv, kv, 0.25, fused=True)
+    kernels = {e.key for e in prof.key_averages()}
+    assert 'aten::_scaled_dot_product_attention_math' not in kernels, kernels
+    torch.testing.assert_close(out, attention(q, kv, kv, 0.25, fused=False), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_global_default_and_module_override():
     try:
         set_fused_attn(False)
