@@ -44,19 +44,24 @@ def check_checkpoint_wrapper(build: Callable, official_path, wrap: str, tmp_path
 
 
 def check_with_cp_equals_plain(model: torch.nn.Module, x: torch.Tensor, **forward_kwargs) -> None:
-    """Activation checkpointing changes nothing, and every parameter receives a gradient."""
+    """Activation checkpointing changes nothing: gradients, and the buffers a training
+    step updates (BatchNorm running statistics take one step, not one per recomputation);
+    and every parameter receives a gradient."""
     model.train()
     cp = copy.deepcopy(model)
     cp.with_cp = True
-    grads = []
+    grads, buffers = [], []
     for m in (model, cp):
         outs = m(x, **forward_kwargs)
         sum(o.square().mean() for o in outs).backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
+        buffers.append(dict(m.named_buffers()))
     missing = [n for n, g in grads[0].items() if g is None or not g.abs().sum() > 0]
     assert missing == [], f'parameters without gradient: {missing[:5]}'
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    for n, b in buffers[0].items():
+        torch.testing.assert_close(buffers[1][n], b, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def check_fused_equals_explicit(model: torch.nn.Module, x: torch.Tensor) -> None:

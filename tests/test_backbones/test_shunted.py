@@ -166,6 +166,25 @@ def test_with_cp_equals_plain_and_every_parameter_learns():
     contract.check_with_cp_equals_plain(build(drop_path_rate=0.0), torch.randn(2, 3, 64, 72))
 
 
+def test_with_cp_recomputes_the_stem_and_patch_embeddings_unless_frozen():
+    """with_cp reaches the stride-2/4 stem and every patch embedding (their activations are
+    among the largest), but a frozen stem is run once: nothing to recompute for."""
+    def forward_counts(model):  # pre-hooks: the recomputation stops before forward hooks
+        counts = dict(stem=0, embed=0)
+        model.stem.register_forward_pre_hook(
+            lambda *a: counts.__setitem__('stem', counts['stem'] + 1))
+        for stage in model.stages:
+            stage.patch_embed.register_forward_pre_hook(
+                lambda *a: counts.__setitem__('embed', counts['embed'] + 1))
+        outs = model.train()(torch.randn(1, 3, 64, 64))
+        sum(o.sum() for o in outs).backward()
+        return counts
+
+    assert forward_counts(build(with_cp=False)) == dict(stem=1, embed=4)
+    assert forward_counts(build(with_cp=True)) == dict(stem=2, embed=8)
+    assert forward_counts(build(with_cp=True, frozen_stages=0)) == dict(stem=1, embed=8)
+
+
 # ----------------------------------------------------------------------------- training state
 def test_frozen_stages():
     model = build(frozen_stages=2).train()

@@ -548,10 +548,10 @@ class GroupMixFormer(PyramidBackbone):
         """
         self.check_input(x)
         valid = self.valid_mask(x, valid_sizes)  # (B, 1, H, W) bool, or None
-        x, valid = self.stem(x, valid)
+        x, valid = self.run_block(self.stem, x, valid)
         outs = []
         for i, stage in enumerate(self.stages):
-            x, valid = stage.patch_embed(x, valid)  # (B, C, H_i, W_i)
+            x, valid = self.run_block(stage.patch_embed, x, valid)  # (B, C, H_i, W_i)
             hw = tuple(x.shape[-2:])
             tokens = nchw_to_nlc(x)  # (B, H_i*W_i, C)
             for block in stage.blocks:

@@ -319,10 +319,10 @@ class HATNet(PyramidBackbone):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``."""
         self.check_input(x)
-        x = self.stem(x)
+        x = self.run_block(self.stem, x)
         outs = []
         for i, stage in enumerate(self.stages):
-            x = stage.downsample(x)
+            x = self.run_block(stage.downsample, x)
             for block in stage.blocks:
                 x = self.run_block(block, x)
             if i in self.out_indices:

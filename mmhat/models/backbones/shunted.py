@@ -375,10 +375,10 @@ class ShuntedTransformer(PyramidBackbone):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``."""
         self.check_input(x)
-        x = self.stem(x)  # (B, C0, ceil(H/2), ceil(W/2))
+        x = self.run_block(self.stem, x)  # (B, C0, ceil(H/2), ceil(W/2))
         outs = []
         for i, stage in enumerate(self.stages):
-            x, hw = stage.patch_embed(x)  # (B, H_i*W_i, C_i)
+            x, hw = self.run_block(stage.patch_embed, x)  # (B, H_i*W_i, C_i)
             for block in stage.blocks:
                 x = self.run_block(block, x, hw)
             # contiguous NCHW, as the official code feeds the next stage's conv
