@@ -92,3 +92,37 @@ def test_size_parsing_and_model_resolution():
     pvt = tool.resolve_model('pvtv2-b2')  # mmdet's PVTv2 has no with_cp
     assert pvt['label'] == 'PVTv2-B2' and not pvt['supports_cp'] and not pvt['switchable_attn']
     assert tool.resolve_model('r50')['supports_cp']
+
+
+def test_compile_rows_are_planned_paired_and_reported():
+    """--compile both: every row twice, each compiled row paired with its eager twin; a
+    CPU compiled row has no memory figure (the compiler's heap hides it), and the report
+    says so instead of dividing by it."""
+    tool = load_tool()
+    args = tool.build_parser().parse_args(
+        ['mmhat.GroupMixFormer', '--peers', 'none', '--modes', 'infer', '--infer-sizes',
+         '64x96', '--compile', 'both'])
+    model = tool.resolve_model('mmhat.GroupMixFormer')
+    rows = tool.plan_rows([model], args)
+    assert [r['compile'] for r in rows] == [False, True]
+    assert [r['flops'] for r in rows] == [True, False]  # FLOPs counted once per size
+
+    def result(compiled, latency, mem):
+        return dict(model=model['label'], model_key=model['key'], size=[64, 96], mode='infer',
+                    attn=None, with_cp=False, compile=compiled, latency_s=latency,
+                    throughput=1 / latency, peak_mem_mb=mem, compile_s=70.0 if compiled else None)
+    results = [result(False, 0.4, 30.0), result(True, 0.25, None)]
+    s = tool.summaries(results)
+    (c,) = s['compiled_vs_eager']
+    assert c['speedup'] == pytest.approx(1.6) and c['mem_ratio'] is None
+    report = dict(machine=dict(device='cpu', device_name='x', torch='t', mmdet='m', threads=1,
+                               cpu_count=2, omp_wait_policy='PASSIVE', load_average_start=None,
+                               load_average_end=None, foreign_cores_median=None,
+                               foreign_cores_max=None, own_cpu_share_median=None),
+                  matmul=dict(n=8, latency_s=1.0, gflops_per_s=1.0),
+                  settings=dict(ref_label=None, batch_size=1, runs=3, warmup=1),
+                  results=results, summaries=s)
+    md = tool.to_markdown(report)
+    assert '## torch.compile (inductor) vs eager' in md
+    assert re.search(r'\| GroupMixFormer-mini \| 64x96 \| — \+ compile \| 250\.0 \|', md)
+    assert re.search(r'\| infer \| — \| off \| 1\.60 \| — \| 70 \|', md)

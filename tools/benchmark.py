@@ -4,6 +4,7 @@
     python tools/benchmark.py mmhat.ShuntedTransformer:tiny mmhat.ShuntedTransformer:small \\
         --peers none --modes train --infer-sizes 800x1216 --sizes 800x1333 --out shunted.md
     python tools/benchmark.py mmhat.HATNet:tiny --attn both --device cuda --plot
+    python tools/benchmark.py mmhat.GroupMixFormer:tiny --peers none --modes infer --compile both
     python tools/benchmark.py --quick                            # CI smoke run (~20 s)
 
 What is measured, per (model, input size, mode, attention path, with_cp):
@@ -11,8 +12,10 @@ What is measured, per (model, input size, mode, attention path, with_cp):
     ``--batch-size``); throughput = images / median latency;
   * peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the pass;
     on CPU the rise of the process's peak resident set (VmHWM, reset through
-    ``/proc/self/clear_refs``) during the first pass. Every row runs in a fresh subprocess
-    so one row's peak can never hide another's;
+    ``/proc/self/clear_refs``) during the first pass, with glibc told to ``mmap`` every
+    block of 128 KiB or more for that pass, so that freed tensors leave RSS at once and the
+    figure follows the live tensors (reproducible to ~1%, against +-15% with the heap's
+    reuse). Every row runs in a fresh subprocess so one row's peak can never hide another's;
   * mode ``infer``: a forward under ``torch.inference_mode``; mode ``train``: forward, then
     backward of the sum of every output (the backbone's share of a detector's step);
   * FLOPs as tools/get_flops.py counts them (one fused multiply-add = one FLOP), divided by the
@@ -31,8 +34,10 @@ records how much CPU other processes took while it ran ("foreign cores", from /p
 ``--retries`` re-measures rows that ran on an oversubscribed machine.
 """
 import argparse
+import ctypes
 import gc
 import inspect
+import itertools
 import json
 import math
 import os
@@ -254,6 +259,24 @@ def _reset_peak_rss() -> Optional[str]:
         return 'ru_maxrss'
 
 
+#: glibc ``mallopt`` parameter number of ``M_MMAP_THRESHOLD``.
+_M_MMAP_THRESHOLD = -3
+
+
+def _set_mmap_threshold(nbytes: int) -> bool:
+    """Serve allocations of ``nbytes`` or more by ``mmap`` (glibc only; False elsewhere).
+
+    With glibc's default (dynamic, up to 32 MiB) threshold, freed activations stay in the
+    heap and later ones reuse them, so how far RSS rises depends on the allocation order
+    and varied by +-15% between identical runs. Mapped blocks go back to the system when
+    freed, so during the memory pass RSS follows the live tensors.
+    """
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
+
+
 def _status_kb(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -348,10 +371,12 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
     H, W = task['size']
     x = torch.randn(task['batch'], 3, H, W, generator=torch.Generator().manual_seed(0))
     x = x.to(device)
+    # torch.compile (inductor) wraps the module; parameters, and so the backward, are shared.
+    net = torch.compile(model) if task.get('compile') else model
 
     if train:
         def step():
-            outs = model(x)
+            outs = net(x)
             # One scalar that depends on every output, so backward reaches every stage.
             loss = sum(o.float().sum() for o in outs)
             loss.backward()
@@ -359,7 +384,16 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
     else:
         def step():
             with torch.inference_mode():
-                model(x)
+                net(x)
+
+    compile_s = None
+    if task.get('compile'):
+        # Compilation is a one-time cost (and its compiler's memory is not the model's):
+        # pay it before the measured first pass, and report it.
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        compile_s = time.perf_counter() - t0
 
     # Memory: the first pass (one-time buffers included: a real first step pays them too).
     gc.collect()
@@ -371,14 +405,23 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
         _sync(device)
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         mem_method = 'cuda max_memory_allocated'
+    elif compile_s is not None:
+        # The compiler's heap stays in the process and the allocator reuses it, so a peak-RSS
+        # rise says nothing about the compiled model; only CUDA's allocator counts it.
+        step()
+        peak_mb, mem_method = None, 'not measured (compiled, CPU)'
     else:
+        exact = _set_mmap_threshold(128 * 1024)
         mem_method = _reset_peak_rss()
         base = _rss_kb(mem_method)
         step()
         peak_mb = (_peak_kb(mem_method) - base) / 1024
+        if exact:  # the timed passes run with glibc's usual ceiling again
+            _set_mmap_threshold(32 * 2**20)
+            mem_method += ', blocks >= 128 KiB mmapped'
     for _ in range(task['warmup'] - 1):
         step()
-    result = dict(peak_mem_mb=peak_mb, mem_method=mem_method,
+    result = dict(peak_mem_mb=peak_mb, mem_method=mem_method, compile_s=compile_s,
                   params_m=sum(p.numel() for p in model.parameters()) / 1e6)
     result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
     if task['flops']:
@@ -439,13 +482,14 @@ def spawn(task: Dict[str, Any], timeout: float) -> Dict[str, Any]:
 
 
 def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
-    """Every (size, model, mode, attention, with_cp) to measure; sizes outermost so the
+    """Every (size, model, mode, attention, with_cp, compile) to measure; sizes outermost so the
     rows compared with each other run close together in time."""
     infer = [parse_size(s) for s in args.infer_sizes] + [parse_size(s) for s in args.sizes]
     train = [parse_size(s) for s in args.train_sizes] + [parse_size(s) for s in args.sizes]
     sizes = list(dict.fromkeys(infer + train))
     attn_paths = ['fused', 'explicit'] if args.attn == 'both' else [args.attn]
     cp_flags = {'off': [False], 'on': [True], 'both': [False, True]}[args.cp]
+    compile_flags = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
     rows, counted = [], set()
     for hw in sizes:
         for m in models:
@@ -453,14 +497,15 @@ def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
                 if hw not in (infer if mode == 'infer' else train):
                     continue
                 for attn in (attn_paths if m['switchable_attn'] else [None]):
-                    for cp in (cp_flags if mode == 'train' else [False]):
+                    for cp, comp in itertools.product(
+                            cp_flags if mode == 'train' else [False], compile_flags):
                         if cp and not m['supports_cp']:
                             continue
                         flops = mode == 'infer' and (m['key'], hw) not in counted
                         if flops:
                             counted.add((m['key'], hw))
                         rows.append(dict(model=m, size=list(hw), mode=mode, attn=attn,
-                                         with_cp=cp, batch=args.batch_size,
+                                         with_cp=cp, compile=comp, batch=args.batch_size,
                                          threads=args.threads, device=args.device,
                                          runs=args.runs, warmup=args.warmup,
                                          max_seconds=args.max_seconds, flops=flops))
@@ -501,8 +546,9 @@ def measure_rows(rows: List[Dict[str, Any]], args,
             row['throughput'] = row['batch'] / row['latency_s']
         results.append(row)
         attn = f' {task["attn"]}' if task['attn'] else ''
-        cp = ' with_cp' if task['with_cp'] else ''
-        what = (f'{row["latency_s"] * 1e3:9.1f} ms  {row["peak_mem_mb"]:8.1f} MB  foreign '
+        cp = (' with_cp' if task['with_cp'] else '') + (' compiled' if task['compile'] else '')
+        mem = _f(row.get('peak_mem_mb'), '8.1f')
+        what = (f'{row["latency_s"] * 1e3:9.1f} ms  {mem} MB  foreign '
                 f'{row["foreign_cores"] or 0:.2f} cores, own {row["own_cpu_share"]:.2f}'
                 if 'latency_s' in row else
                 row.get('error', '?'))
@@ -511,6 +557,10 @@ def measure_rows(rows: List[Dict[str, Any]], args,
         if on_row is not None:
             on_row(results)
     return results
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
 
 
 def add_ratios(results: List[Dict[str, Any]], matmul: Dict[str, Any],
@@ -528,12 +578,12 @@ def add_ratios(results: List[Dict[str, Any]], matmul: Dict[str, Any],
             continue
         peers = [p for p in results if p['model_key'] == ref and p['size'] == r['size']
                  and p['mode'] == r['mode'] and 'latency_s' in p]
-        same_cp = [p for p in peers if p['with_cp'] == r['with_cp']]
+        same_cp = [p for p in peers if p['with_cp'] == r['with_cp']
+                   and p.get('compile') == r.get('compile')]
         peer = (same_cp or [p for p in peers if not p['with_cp']] or [None])[0]
         if peer is not None:
             r['vs_ref_speed'] = peer['latency_s'] / r['latency_s']
-            r['vs_ref_mem'] = (r['peak_mem_mb'] / peer['peak_mem_mb']
-                               if peer['peak_mem_mb'] > 0 else None)
+            r['vs_ref_mem'] = _ratio(r['peak_mem_mb'], peer['peak_mem_mb'])
 
 
 def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
@@ -542,28 +592,36 @@ def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
 
     def find(r, **kw):
         for o in ok:
-            if all(o[k] == v for k, v in dict(model_key=r['model_key'], size=r['size'],
+            if all(o.get(k) == v for k, v in dict(model_key=r['model_key'], size=r['size'],
                                                  mode=r['mode'], **kw).items()):
                 return o
         return None
 
-    fused, cp = [], []
+    fused, cp, compiled = [], [], []
     for r in ok:
+        if r.get('compile'):
+            e = find(r, attn=r['attn'], with_cp=r['with_cp'], compile=False)
+            if e:
+                compiled.append(dict(model=r['model'], size=r['size'], mode=r['mode'],
+                                     attn=r['attn'], with_cp=r['with_cp'],
+                                     speedup=e['latency_s'] / r['latency_s'],
+                                     mem_ratio=_ratio(r['peak_mem_mb'], e['peak_mem_mb']),
+                                     compile_s=r.get('compile_s')))
         if r['attn'] == 'fused':
-            e = find(r, attn='explicit', with_cp=r['with_cp'])
+            e = find(r, attn='explicit', with_cp=r['with_cp'], compile=r.get('compile'))
             if e:
                 fused.append(dict(model=r['model'], size=r['size'], mode=r['mode'],
                                   with_cp=r['with_cp'],
                                   speedup=e['latency_s'] / r['latency_s'],
-                                  mem_ratio=r['peak_mem_mb'] / e['peak_mem_mb']))
+                                  mem_ratio=_ratio(r['peak_mem_mb'], e['peak_mem_mb'])))
         if r['mode'] == 'train' and r['with_cp']:
-            p = find(r, attn=r['attn'], with_cp=False)
+            p = find(r, attn=r['attn'], with_cp=False, compile=r.get('compile'))
             if p:
                 cp.append(dict(model=r['model'], size=r['size'], attn=r['attn'],
-                               mem_ratio=r['peak_mem_mb'] / p['peak_mem_mb'],
+                               mem_ratio=_ratio(r['peak_mem_mb'], p['peak_mem_mb']),
                                time_ratio=r['latency_s'] / p['latency_s'],
                                mem_mb=r['peak_mem_mb'], plain_mem_mb=p['peak_mem_mb']))
-    return dict(fused_vs_explicit=fused, with_cp_vs_plain=cp)
+    return dict(fused_vs_explicit=fused, with_cp_vs_plain=cp, compiled_vs_eager=compiled)
 
 
 # ---------------------------------------------------------------------------------------
@@ -571,6 +629,11 @@ def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
 # ---------------------------------------------------------------------------------------
 def _f(v: Optional[float], fmt: str = '.2f') -> str:
     return '—' if v is None or (isinstance(v, float) and not math.isfinite(v)) else f'{v:{fmt}}'
+
+
+def _path(r: Dict[str, Any]) -> str:
+    """The attention path of a row, and whether it ran under torch.compile."""
+    return (r['attn'] or '—') + (' + compile' if r.get('compile') else '')
 
 
 def to_markdown(report: Dict[str, Any]) -> str:
@@ -607,7 +670,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
         lines += [f'## {title}', '', '| ' + ' | '.join(head) + ' |',
                   '|' + '---|' * len(head)]
         for r in rows:
-            cells = [r['model'], _fmt_size(r['size']), r['attn'] or '—']
+            cells = [r['model'], _fmt_size(r['size']), _path(r)]
             if mode == 'train':
                 cells.append('on' if r['with_cp'] else 'off')
             if 'latency_s' not in r:
@@ -633,7 +696,17 @@ def to_markdown(report: Dict[str, Any]) -> str:
         for r in s['fused_vs_explicit']:
             lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["mode"]} | '
                          f'{"on" if r["with_cp"] else "off"} | {r["speedup"]:.2f} | '
-                         f'{r["mem_ratio"]:.2f} |')
+                         f'{_f(r["mem_ratio"])} |')
+        lines.append('')
+    if s.get('compiled_vs_eager'):
+        lines += ['## torch.compile (inductor) vs eager', '',
+                  '| model | input | mode | attention | with_cp | speed-up (compiled/eager) | '
+                  'memory ratio | compile time (s) |', '|---|---|---|---|---|---|---|---|']
+        for r in s['compiled_vs_eager']:
+            lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["mode"]} | '
+                         f'{r["attn"] or "—"} | {"on" if r["with_cp"] else "off"} | '
+                         f'{r["speedup"]:.2f} | {_f(r["mem_ratio"])} | '
+                         f'{_f(r["compile_s"], ".0f")} |')
         lines.append('')
     if s['with_cp_vs_plain']:
         lines += ['## Activation checkpointing (with_cp) vs plain, training step', '',
@@ -641,8 +714,8 @@ def to_markdown(report: Dict[str, Any]) -> str:
                   '| time ratio |', '|---|---|---|---|---|---|---|']
         for r in s['with_cp_vs_plain']:
             lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["attn"] or "—"} | '
-                         f'{r["plain_mem_mb"]:.0f} | {r["mem_mb"]:.0f} | {r["mem_ratio"]:.2f} | '
-                         f'{r["time_ratio"]:.2f} |')
+                         f'{_f(r["plain_mem_mb"], ".0f")} | {_f(r["mem_mb"], ".0f")} | '
+                         f'{_f(r["mem_ratio"])} | {r["time_ratio"]:.2f} |')
         lines.append('')
     return '\n'.join(lines)
 
@@ -659,10 +732,11 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     for r in report['results']:
         if r['mode'] != 'infer' or 'latency_s' not in r:
             continue
-        name = r['model'] + (f' ({r["attn"]})' if r['attn'] else '')
+        name = r['model'] + (f' ({_path(r)})' if r['attn'] or r.get('compile') else '')
         mpix = r['size'][0] * r['size'][1] / 1e6
         ticks[mpix] = _fmt_size(r['size'])
-        series.setdefault(name, []).append((mpix, r['throughput'], r['peak_mem_mb']))
+        series.setdefault(name, []).append((mpix, r['throughput'], r['peak_mem_mb']
+                                            if r['peak_mem_mb'] is not None else float('nan')))
     for name, pts in series.items():
         pts.sort()
         xs = [p[0] for p in pts]
@@ -715,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='attention path of families with the shared softmax kernel')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
+    p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
+                   help='run the model under torch.compile (inductor); "both" adds eager rows '
+                        'and a compiled/eager table. Compilation happens before the measured '
+                        'passes and its time is reported separately')
     p.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads (default 1: shared 2-core machines, see docstring)')
