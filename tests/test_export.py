@@ -193,7 +193,9 @@ def test_jit_trace_reproduces_outputs(family):
         warnings.simplefilter('ignore')  # TracerWarnings and jit deprecation
         traced = torch.jit.trace(model, (x, ), check_trace=False)
         outs = traced(x)
-    R.assert_matches_reference(outs, eager(model, x), rel=1e-6)
+        # eager on the same attention path: fused and explicit differ by rounding (~1e-5)
+        reference = eager(model, x)
+    R.assert_matches_reference(outs, reference, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- torch.compile
