@@ -79,3 +79,28 @@ def check_fused_equals_explicit(model: torch.nn.Module, x: torch.Tensor) -> None
         set_fused_attn(before)
     for u, v in zip(fused, explicit):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+
+
+def check_channels_last_equals_nchw(model: torch.nn.Module, x: torch.Tensor,
+                                    **forward_kwargs) -> None:
+    """Conv weights are stored channels-last (and stay so through ``load_state_dict``),
+    outputs come back channels-last, and outputs and training gradients equal those of
+    the same model with NCHW weights up to float rounding."""
+    def conv_weights(m):
+        return [c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+
+    model.load_state_dict(copy.deepcopy(model).state_dict())
+    assert conv_weights(model) and all(w.stride(1) == 1 for w in conv_weights(model))
+    nchw = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert all(w.is_contiguous() for w in conv_weights(nchw))
+    outs = []
+    for m in (model, nchw):
+        with torch.no_grad():
+            outs.append(m.eval()(x, **forward_kwargs))
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs[0])
+    for u, v in zip(*outs):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+    for m in (model, nchw):
+        sum(o.square().mean() for o in m.train()(x, **forward_kwargs)).backward()
+    for (n, p), q in zip(model.named_parameters(), nchw.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=n)

@@ -123,6 +123,10 @@ def test_factorized_attention_mask_equals_dropping_tokens():
     torch.testing.assert_close(out, kept)
 
 
+def test_channels_last_equals_nchw():
+    contract.check_channels_last_equals_nchw(build(), torch.randn(2, 3, 113, 97))
+
+
 # ----------------------------------------------------------------------------- any size
 @pytest.mark.parametrize('hw', [(33, 47), (113, 97), (513, 511), (32, 32)])
 def test_any_size_shapes_and_strides(hw):

@@ -80,6 +80,10 @@ def test_equals_official(official, fused):
         R.assert_matches_reference(model(case['input']), case['outputs'])
 
 
+def test_channels_last_equals_nchw():
+    contract.check_channels_last_equals_nchw(build(), torch.randn(2, 3, 113, 97))
+
+
 # ----------------------------------------------------------------------------- any size
 @pytest.mark.parametrize('hw', [(32, 32), (33, 47), (113, 97), (513, 511), (256, 320)])
 def test_any_size_shapes_and_strides(hw):

@@ -534,6 +534,7 @@ class GroupMixFormer(PyramidBackbone):
                               norm_cfg, act_cfg, ffn_act_cfg) for _ in range(s['depths'][i])
             ]
             self.stages.append(GroupMixStage(patch_embed, blocks))
+        self.use_channels_last()
 
     def forward(self,
                 x: torch.Tensor,

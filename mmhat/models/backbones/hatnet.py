@@ -315,6 +315,7 @@ class HATNet(PyramidBackbone):
             downsample = (self.downsample_cls(dims[i - 1], dims[i], norm_cfg, act_cfg)
                           if i > 0 else None)
             self.stages.append(HATStage(downsample, blocks))
+        self.use_channels_last()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``."""

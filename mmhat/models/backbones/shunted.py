@@ -371,6 +371,7 @@ class ShuntedTransformer(PyramidBackbone):
                              rates.pop(0), act_cfg, fused_attn) for _ in range(s['depths'][i])
             ]
             self.stages.append(ShuntedStage(patch_embed, blocks, dims[i]))
+        self.use_channels_last()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``."""
@@ -381,8 +382,8 @@ class ShuntedTransformer(PyramidBackbone):
             x, hw = self.run_block(stage.patch_embed, x)  # (B, H_i*W_i, C_i)
             for block in stage.blocks:
                 x = self.run_block(block, x, hw)
-            # contiguous NCHW, as the official code feeds the next stage's conv
-            x = nlc_to_nchw(stage.norm(x), hw).contiguous()  # (B, C_i, H_i, W_i)
+            # a channels-last view: the next stage's conv and the necks take it as it is
+            x = nlc_to_nchw(stage.norm(x), hw)  # (B, C_i, H_i, W_i)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)
