@@ -92,6 +92,14 @@ def test_size_parsing_and_model_resolution():
     pvt = tool.resolve_model('pvtv2-b2')  # mmdet's PVTv2 has no with_cp
     assert pvt['label'] == 'PVTv2-B2' and not pvt['supports_cp'] and not pvt['switchable_attn']
     assert tool.resolve_model('r50')['supports_cp']
+    root = TOOL.parents[1]
+    cfg = tool.resolve_model(str(root / 'configs/det/maskrcnn_shunted_s_coco.py'))
+    assert cfg['label'] == 'maskrcnn_shunted_s_coco' and cfg['arch'] == 'small'
+    assert cfg['type'] == 'mmhat.ShuntedTransformer' and cfg['switchable_attn']
+    assert 'init_cfg' not in cfg['cfg'] and cfg['cfg']['norm_cfg']['type'] == 'BN'
+    assert cfg['cfg']['drop_path_rate'] == 0.1
+    with pytest.raises(SystemExit, match='not found'):
+        tool.resolve_model('configs/det/no_such_config.py')
 
 
 def test_compile_rows_are_planned_paired_and_reported():
@@ -126,3 +134,30 @@ def test_compile_rows_are_planned_paired_and_reported():
     assert '## torch.compile (inductor) vs eager' in md
     assert re.search(r'\| GroupMixFormer-mini \| 64x96 \| — \+ compile \| 250\.0 \|', md)
     assert re.search(r'\| infer \| — \| off \| 1\.60 \| — \| 70 \|', md)
+
+
+def test_reference_rows_are_planned_for_mmhat_models_and_reported():
+    """--layout both --attn both: our backbones get NCHW twins (peers do not), and each
+    fast row (fused, channels-last) is set against its reference (explicit, NCHW)."""
+    tool = load_tool()
+    args = tool.build_parser().parse_args(
+        ['mmhat.HATNet', '--peers', 'r50', '--modes', 'infer', '--infer-sizes', '64',
+         '--attn', 'both', '--layout', 'both'])
+    hat, r50 = tool.resolve_model('mmhat.HATNet'), tool.resolve_model('r50')
+    rows = tool.plan_rows([hat, r50], args)
+    assert [(r['attn'], r['layout']) for r in rows if r['model'] is hat] == [
+        ('fused', 'channels_last'), ('fused', 'nchw'), ('explicit', 'channels_last'),
+        ('explicit', 'nchw')]
+    assert [(r['attn'], r['layout']) for r in rows if r['model'] is r50] == [(None, None)]
+
+    def result(attn, layout, latency):
+        return dict(model=hat['label'], model_key=hat['key'], size=[64, 64], mode='infer',
+                    attn=attn, layout=layout, with_cp=False, compile=False, latency_s=latency,
+                    peak_mem_mb=10.0)
+    s = tool.summaries([result('fused', 'channels_last', 0.5), result('fused', 'nchw', 0.6),
+                        result('explicit', 'channels_last', 0.6),
+                        result('explicit', 'nchw', 0.8)])
+    (ref,) = s['vs_reference']
+    assert ref['speedup'] == pytest.approx(1.6) and ref['ref_path'] == 'explicit, NCHW'
+    # fused/explicit pairs stay within one layout
+    assert sorted(round(f['speedup'], 2) for f in s['fused_vs_explicit']) == [1.2, 1.33]

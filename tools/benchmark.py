@@ -5,9 +5,12 @@
         --peers none --modes train --infer-sizes 800x1216 --sizes 800x1333 --out shunted.md
     python tools/benchmark.py mmhat.HATNet:tiny --attn both --device cuda --plot
     python tools/benchmark.py mmhat.GroupMixFormer:tiny --peers none --modes infer --compile both
+    python tools/benchmark.py mmhat.HATNet:tiny --peers none --attn both --layout both \
+        --modes infer --infer-sizes 800x1216          # + ours vs the unfused NCHW reference
     python tools/benchmark.py --quick                            # CI smoke run (~20 s)
 
-What is measured, per (model, input size, mode, attention path, with_cp):
+What is measured, per (model, input size, mode, attention path, conv weight layout, with_cp,
+torch.compile):
   * latency: median over ``--runs`` timed passes after ``--warmup`` passes (batch
     ``--batch-size``); throughput = images / median latency;
   * peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the pass;
@@ -196,11 +199,15 @@ def _accepts(cls: type, name: str) -> bool:
 def resolve_model(token: str, default_arch: Optional[str] = None) -> Dict[str, Any]:
     """A model argument -> its description (label, build config, capabilities).
 
-    ``token`` is a peer key (``swin-t``, ``pvtv2-b2``, ...) or a registered type with an
-    optional ``:arch`` (``mmhat.HATNet:tiny``); mmhat types without one take ``default_arch``
-    or the first (smallest) row of their ``arch_zoo``.
+    ``token`` is a peer key (``swin-t``, ``pvtv2-b2``, ...), a registered type with an
+    optional ``:arch`` (``mmhat.HATNet:tiny``; mmhat types without one take ``default_arch``
+    or the first, smallest row of their ``arch_zoo``), or a config file (``.py``), whose
+    ``model.backbone`` is measured as configured (drop path, with_cp, ...), without its
+    pretrained weights and with BN for SyncBN (one process).
     """
     MODELS = _registry()
+    if token.endswith('.py'):
+        return resolve_config(token)
     if token.lower() in PEERS:
         label, cfg = PEERS[token.lower()]
         type_name, arch = cfg['type'], None
@@ -231,6 +238,29 @@ def resolve_model(token: str, default_arch: Optional[str] = None) -> Dict[str, A
         key=token.lower() if token.lower() in PEERS else label, label=label, cfg=cfg,
         type=type_name, arch=cfg.get('arch'), is_mmhat=type_name.startswith('mmhat.'),
         supports_cp=_accepts(cls, 'with_cp'), switchable_attn=uses_attention_switch(cfg))
+
+
+def resolve_config(path: str) -> Dict[str, Any]:
+    """The backbone of an mmdet/mmseg config file, as :func:`resolve_model` describes it."""
+    from mmengine.config import Config
+    if not Path(path).is_file():
+        raise SystemExit(f'config file {path!r} not found')
+    backbone = Config.fromfile(path).get('model', {}).get('backbone')
+    if not backbone:
+        raise SystemExit(f'{path} has no model.backbone to measure')
+    cfg = backbone.to_dict()
+    for key in ('init_cfg', 'pretrained'):  # measure the architecture, download nothing
+        cfg.pop(key, None)
+    if (cfg.get('norm_cfg') or {}).get('type') == 'SyncBN':
+        cfg['norm_cfg'] = dict(cfg['norm_cfg'], type='BN')
+    type_name = cfg['type']
+    cls = _registry().get(type_name)
+    if cls is None:
+        raise SystemExit(f'{path}: backbone type {type_name!r} is not registered')
+    arch = cfg.get('arch') if isinstance(cfg.get('arch'), str) else None
+    return dict(key=Path(path).stem, label=Path(path).stem, cfg=cfg, type=type_name,
+                arch=arch, is_mmhat=type_name.startswith('mmhat.'),
+                supports_cp=_accepts(cls, 'with_cp'), switchable_attn=uses_attention_switch(cfg))
 
 
 def uses_attention_switch(cfg: dict) -> bool:
@@ -363,9 +393,13 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
         set_fused_attn(task['attn'] == 'fused')
     device = torch.device(task['device'])
     cfg = dict(desc['cfg'])
-    if task['with_cp']:
-        cfg['with_cp'] = True
+    if task['with_cp'] or 'with_cp' in cfg:  # a config's own with_cp follows the row too
+        cfg['with_cp'] = task['with_cp']
     model = MODELS.build(cfg).to(device)
+    if task.get('layout') == 'nchw':
+        # The reference layout: NCHW conv weights, as the official models store them (mmhat
+        # backbones store them channels-last, see PyramidBackbone.use_channels_last).
+        model.to(memory_format=torch.contiguous_format)
     train = task['mode'] == 'train'
     model.train(train)
     H, W = task['size']
@@ -482,7 +516,7 @@ def spawn(task: Dict[str, Any], timeout: float) -> Dict[str, Any]:
 
 
 def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
-    """Every (size, model, mode, attention, with_cp, compile) to measure; sizes outermost so the
+    """Every (size, model, mode, attention, layout, with_cp, compile) to measure; sizes outermost so the
     rows compared with each other run close together in time."""
     infer = [parse_size(s) for s in args.infer_sizes] + [parse_size(s) for s in args.sizes]
     train = [parse_size(s) for s in args.train_sizes] + [parse_size(s) for s in args.sizes]
@@ -490,13 +524,17 @@ def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
     attn_paths = ['fused', 'explicit'] if args.attn == 'both' else [args.attn]
     cp_flags = {'off': [False], 'on': [True], 'both': [False, True]}[args.cp]
     compile_flags = {'off': [False], 'on': [True], 'both': [False, True]}[args.compile]
+    layouts = {'channels_last': ['channels_last'], 'nchw': ['nchw'],
+               'both': ['channels_last', 'nchw']}[args.layout]
     rows, counted = [], set()
     for hw in sizes:
         for m in models:
             for mode in args.modes:
                 if hw not in (infer if mode == 'infer' else train):
                     continue
-                for attn in (attn_paths if m['switchable_attn'] else [None]):
+                for attn, layout in itertools.product(
+                        attn_paths if m['switchable_attn'] else [None],
+                        layouts if m['is_mmhat'] else [None]):
                     for cp, comp in itertools.product(
                             cp_flags if mode == 'train' else [False], compile_flags):
                         if cp and not m['supports_cp']:
@@ -505,7 +543,8 @@ def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
                         if flops:
                             counted.add((m['key'], hw))
                         rows.append(dict(model=m, size=list(hw), mode=mode, attn=attn,
-                                         with_cp=cp, compile=comp, batch=args.batch_size,
+                                         layout=layout, with_cp=cp, compile=comp,
+                                         batch=args.batch_size,
                                          threads=args.threads, device=args.device,
                                          runs=args.runs, warmup=args.warmup,
                                          max_seconds=args.max_seconds, flops=flops))
@@ -545,7 +584,8 @@ def measure_rows(rows: List[Dict[str, Any]], args,
         if 'latency_s' in row:
             row['throughput'] = row['batch'] / row['latency_s']
         results.append(row)
-        attn = f' {task["attn"]}' if task['attn'] else ''
+        attn = (f' {task["attn"]}' if task['attn'] else '') + (
+            ' NCHW' if task.get('layout') == 'nchw' else '')
         cp = (' with_cp' if task['with_cp'] else '') + (' compiled' if task['compile'] else '')
         mem = _f(row.get('peak_mem_mb'), '8.1f')
         what = (f'{row["latency_s"] * 1e3:9.1f} ms  {mem} MB  foreign '
@@ -587,7 +627,8 @@ def add_ratios(results: List[Dict[str, Any]], matmul: Dict[str, Any],
 
 
 def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
-    """Fused/explicit and with_cp/plain ratios of the same model, size and mode."""
+    """Fused/explicit, with_cp/plain, compiled/eager and ours/reference ratios of the same
+    model, size and mode."""
     ok = [r for r in results if 'latency_s' in r]
 
     def find(r, **kw):
@@ -597,10 +638,11 @@ def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
                 return o
         return None
 
-    fused, cp, compiled = [], [], []
+    fused, cp, compiled, reference = [], [], [], []
     for r in ok:
         if r.get('compile'):
-            e = find(r, attn=r['attn'], with_cp=r['with_cp'], compile=False)
+            e = find(r, attn=r['attn'], layout=r.get('layout'), with_cp=r['with_cp'],
+                     compile=False)
             if e:
                 compiled.append(dict(model=r['model'], size=r['size'], mode=r['mode'],
                                      attn=r['attn'], with_cp=r['with_cp'],
@@ -608,20 +650,34 @@ def summaries(results: List[Dict[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
                                      mem_ratio=_ratio(r['peak_mem_mb'], e['peak_mem_mb']),
                                      compile_s=r.get('compile_s')))
         if r['attn'] == 'fused':
-            e = find(r, attn='explicit', with_cp=r['with_cp'], compile=r.get('compile'))
+            e = find(r, attn='explicit', layout=r.get('layout'), with_cp=r['with_cp'],
+                     compile=r.get('compile'))
             if e:
                 fused.append(dict(model=r['model'], size=r['size'], mode=r['mode'],
-                                  with_cp=r['with_cp'],
+                                  layout=r.get('layout'), with_cp=r['with_cp'],
                                   speedup=e['latency_s'] / r['latency_s'],
                                   mem_ratio=_ratio(r['peak_mem_mb'], e['peak_mem_mb'])))
         if r['mode'] == 'train' and r['with_cp']:
-            p = find(r, attn=r['attn'], with_cp=False, compile=r.get('compile'))
+            p = find(r, attn=r['attn'], layout=r.get('layout'), with_cp=False,
+                     compile=r.get('compile'))
             if p:
-                cp.append(dict(model=r['model'], size=r['size'], attn=r['attn'],
+                cp.append(dict(model=r['model'], size=r['size'], attn=_path(r),
                                mem_ratio=_ratio(r['peak_mem_mb'], p['peak_mem_mb']),
                                time_ratio=r['latency_s'] / p['latency_s'],
                                mem_mb=r['peak_mem_mb'], plain_mem_mb=p['peak_mem_mb']))
-    return dict(fused_vs_explicit=fused, with_cp_vs_plain=cp, compiled_vs_eager=compiled)
+        # Ours against the faithful unfused reference of the family: the same model with
+        # explicit attention (where it has a fused path) and NCHW weights, eager.
+        if (r.get('layout') == 'channels_last' and r['attn'] in ('fused', None)
+                and not r.get('compile')):
+            e = find(r, attn='explicit' if r['attn'] else None, layout='nchw',
+                     with_cp=r['with_cp'], compile=False)
+            if e:
+                reference.append(dict(model=r['model'], size=r['size'], mode=r['mode'],
+                                      with_cp=r['with_cp'], path=_path(r), ref_path=_path(e),
+                                      speedup=e['latency_s'] / r['latency_s'],
+                                      mem_ratio=_ratio(r['peak_mem_mb'], e['peak_mem_mb'])))
+    return dict(fused_vs_explicit=fused, with_cp_vs_plain=cp, compiled_vs_eager=compiled,
+                vs_reference=reference)
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,8 +688,9 @@ def _f(v: Optional[float], fmt: str = '.2f') -> str:
 
 
 def _path(r: Dict[str, Any]) -> str:
-    """The attention path of a row, and whether it ran under torch.compile."""
-    return (r['attn'] or '—') + (' + compile' if r.get('compile') else '')
+    """The attention path of a row, NCHW weights if so, and torch.compile if so."""
+    return ((r['attn'] or '—') + (', NCHW' if r.get('layout') == 'nchw' else '') +
+            (' + compile' if r.get('compile') else ''))
 
 
 def to_markdown(report: Dict[str, Any]) -> str:
@@ -663,7 +720,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
         rows = [r for r in report['results'] if r['mode'] == mode]
         if not rows:
             continue
-        head = (['model', 'input', 'attention'] + (extra if mode == 'train' else []) +
+        head = (['model', 'input', 'path'] + (extra if mode == 'train' else []) +
                 ['latency (ms)', 'img/s', 'peak mem (MB)'] + (extra if mode == 'infer' else []) +
                 ([f'speed{vs}', f'memory{vs}'] if ref else []) +
                 ['foreign CPU (cores)', 'own CPU (cores)'])
@@ -694,9 +751,20 @@ def to_markdown(report: Dict[str, Any]) -> str:
                   '| model | input | mode | with_cp | speed-up (fused/explicit) | memory ratio '
                   '(fused/explicit) |', '|---|---|---|---|---|---|']
         for r in s['fused_vs_explicit']:
-            lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["mode"]} | '
+            lines.append(f'| {r["model"]}{" (NCHW)" if r.get("layout") == "nchw" else ""} | '
+                         f'{_fmt_size(r["size"])} | {r["mode"]} | '
                          f'{"on" if r["with_cp"] else "off"} | {r["speedup"]:.2f} | '
                          f'{_f(r["mem_ratio"])} |')
+        lines.append('')
+    if s.get('vs_reference'):
+        lines += ['## Ours vs the faithful unfused reference (explicit attention, NCHW '
+                  'weights)', '',
+                  '| model | input | mode | with_cp | ours | reference | speed-up | memory ratio |',
+                  '|---|---|---|---|---|---|---|---|']
+        for r in s['vs_reference']:
+            lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["mode"]} | '
+                         f'{"on" if r["with_cp"] else "off"} | {r["path"]} | {r["ref_path"]} | '
+                         f'{r["speedup"]:.2f} | {_f(r["mem_ratio"])} |')
         lines.append('')
     if s.get('compiled_vs_eager'):
         lines += ['## torch.compile (inductor) vs eager', '',
@@ -710,7 +778,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
         lines.append('')
     if s['with_cp_vs_plain']:
         lines += ['## Activation checkpointing (with_cp) vs plain, training step', '',
-                  '| model | input | attention | peak mem plain (MB) | with_cp (MB) | memory ratio '
+                  '| model | input | path | peak mem plain (MB) | with_cp (MB) | memory ratio '
                   '| time ratio |', '|---|---|---|---|---|---|---|']
         for r in s['with_cp_vs_plain']:
             lines.append(f'| {r["model"]} | {_fmt_size(r["size"])} | {r["attn"] or "—"} | '
@@ -732,7 +800,7 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     for r in report['results']:
         if r['mode'] != 'infer' or 'latency_s' not in r:
             continue
-        name = r['model'] + (f' ({_path(r)})' if r['attn'] or r.get('compile') else '')
+        name = r['model'] + (f' ({_path(r)})' if _path(r) != '—' else '')
         mpix = r['size'][0] * r['size'][1] / 1e6
         ticks[mpix] = _fmt_size(r['size'])
         series.setdefault(name, []).append((mpix, r['throughput'], r['peak_mem_mb']
@@ -770,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('models', nargs='*',
                    help='registered backbones, optionally with :arch (mmhat.HATNet:tiny), '
+                        'config files (their model.backbone), '
                         f'or peer keys ({", ".join(PEERS)})')
     p.add_argument('--arch', help='arch of mmhat models given without :arch (default: the '
                                   'first, smallest row of their arch_zoo)')
@@ -787,6 +856,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra sizes for every mode, height first (800x1333 = H 800, W 1333)')
     p.add_argument('--attn', choices=['fused', 'explicit', 'both'], default='fused',
                    help='attention path of families with the shared softmax kernel')
+    p.add_argument('--layout', choices=['channels_last', 'nchw', 'both'],
+                   default='channels_last',
+                   help='conv weights of mmhat backbones: channels-last as built, NCHW as the '
+                        'official models (the reference), or both, which adds a table against '
+                        'the reference (explicit attention, NCHW); peers run as mmdet builds them')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
