@@ -40,6 +40,14 @@ def test_quick_run_writes_markdown_json_and_plot(quick_run):
     assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_replot_redraws_a_saved_report(quick_run, tmp_path):
+    _, out = quick_run
+    png = tmp_path / 'again.png'
+    assert load_tool().main(['--replot', str(out.with_suffix('.json')), '--plot', str(png),
+                             '--plot-all-paths']) == 0
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
 def test_markdown_has_machine_and_one_row_per_mode(quick_run):
     _, out = quick_run
     md = out.read_text()

@@ -788,28 +788,46 @@ def to_markdown(report: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def plot(report: Dict[str, Any], path: Path) -> None:
-    """Inference throughput and peak memory against input pixels, one line per model."""
+def _is_default_path(r: Dict[str, Any]) -> bool:
+    """The row runs the model as users get it: fused attention (where there is a choice),
+    channels-last weights (for mmhat models), eager."""
+    return (r['attn'] in ('fused', None) and r.get('layout') in ('channels_last', None)
+            and not r.get('compile'))
+
+
+def plot(report: Dict[str, Any], path: Path, all_paths: bool = False) -> None:
+    """Inference throughput and peak memory against input pixels, one line per model: our
+    backbones solid, peers dashed; other paths (explicit, NCHW, compiled) only with
+    ``all_paths``, dotted."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     from matplotlib.ticker import NullFormatter, ScalarFormatter
-    series: Dict[str, List[Tuple[float, float, float]]] = {}
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.6))
+    series: Dict[Tuple[str, bool, bool], List[Tuple[float, float, float]]] = {}
     ticks: Dict[float, str] = {}
     for r in report['results']:
         if r['mode'] != 'infer' or 'latency_s' not in r:
             continue
-        name = r['model'] + (f' ({_path(r)})' if _path(r) != '—' else '')
+        default = _is_default_path(r)
+        if not (default or all_paths):
+            continue
+        name = r['model'] + ('' if default else f' ({_path(r)})')
         mpix = r['size'][0] * r['size'][1] / 1e6
         ticks[mpix] = _fmt_size(r['size'])
-        series.setdefault(name, []).append((mpix, r['throughput'], r['peak_mem_mb']
-                                            if r['peak_mem_mb'] is not None else float('nan')))
-    for name, pts in series.items():
+        ours = str(r.get('model_type', '')).startswith('mmhat.')
+        series.setdefault((name, ours, default), []).append(
+            (mpix, r['throughput'],
+             r['peak_mem_mb'] if r['peak_mem_mb'] is not None else float('nan')))
+    colours = plt.get_cmap('tab20').colors
+    for i, ((name, ours, default), pts) in enumerate(series.items()):
         pts.sort()
         xs = [p[0] for p in pts]
-        ax_t.plot(xs, [p[1] for p in pts], marker='o', label=name)
-        ax_m.plot(xs, [p[2] for p in pts], marker='o', label=name)
+        style = dict(marker='o' if ours else 's', color=colours[i % len(colours)],
+                     linestyle='-' if ours and default else '--' if default else ':',
+                     label=name)
+        ax_t.plot(xs, [p[1] for p in pts], **style)
+        ax_m.plot(xs, [p[2] for p in pts], **style)
     for ax, ylabel in ((ax_t, 'throughput (images/s)'), (ax_m, 'inference peak memory (MB)')):
         ax.set_xlabel('input size H x W (log pixels)')
         ax.set_ylabel(ylabel)
@@ -823,9 +841,11 @@ def plot(report: Dict[str, Any], path: Path) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which='both', alpha=0.3)
     m = report['machine']
-    fig.suptitle(f'{m["device_name"]}, {m["threads"]} thread(s), torch {m["torch"]}', fontsize=9)
-    ax_m.legend(fontsize=7, loc='best')
-    fig.tight_layout()
+    fig.suptitle(f'{m["device_name"]}, {m["threads"]} thread(s), torch {m["torch"]}, batch '
+                 f'{report["settings"]["batch_size"]} (mmhat solid, peers dashed)', fontsize=9)
+    handles, labels = ax_t.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc='lower center', ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * ((len(labels) + 3) // 4), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -888,6 +908,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', type=Path, help='write the JSON here (default: --out as .json)')
     p.add_argument('--plot', type=Path, nargs='?', const=True, default=None,
                    help='write a PNG (default path: --out as .png, else benchmark.png)')
+    p.add_argument('--plot-all-paths', action='store_true',
+                   help='plot every path (explicit, NCHW, compiled), not only the default one')
+    p.add_argument('--replot', type=Path, metavar='JSON',
+                   help='draw the plot of a saved report (its JSON) again and exit; with '
+                        '--plot PATH (default: the JSON as .png)')
     p.add_argument('--quick', action='store_true',
                    help=f'CI smoke run: {QUICK_MODEL} (or the first model) at {QUICK_SIZE}, no '
                         'peers, 1 warm-up + 2 runs, with_cp off, fused attention')
@@ -900,6 +925,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker, args.worker_result)
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        path = args.plot if isinstance(args.plot, Path) else args.replot.with_suffix('.png')
+        plot(report, path, args.plot_all_paths)
+        print(f'plot: {path}', file=sys.stderr)
+        return 0
     if args.quick:
         args.models = args.models[:1] or [QUICK_MODEL]
         args.peers, args.infer_sizes, args.train_sizes, args.sizes = [], [QUICK_SIZE], [
@@ -971,7 +1002,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot is not None:
         path = (args.plot if isinstance(args.plot, Path) else
                 args.out.with_suffix('.png') if args.out else Path('benchmark.png'))
-        plot(report, path)
+        plot(report, path, args.plot_all_paths)
         print(f'plot: {path}', file=sys.stderr)
     errors = [r for r in results if 'error' in r]
     return 1 if errors else 0

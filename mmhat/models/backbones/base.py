@@ -29,6 +29,9 @@ from mmhat.checkpoint import (CheckpointError, Conversion, DropRule, RenameRule,
 class PyramidBackbone(BaseModule):
     """Base of the four families: a stem and ``num_stages`` stages with strides 4..32.
 
+    ``forward`` returns NCHW-shaped maps in channels-last memory; the conv weights are
+    stored channels-last (:meth:`use_channels_last`).
+
     Args:
         arch: a name from ``arch_zoo`` or a dict with every key of ``arch_keys``.
         out_indices: stages whose outputs ``forward`` returns (NCHW, in order).
