@@ -84,8 +84,8 @@ def check_fused_equals_explicit(model: torch.nn.Module, x: torch.Tensor) -> None
 def check_channels_last_equals_nchw(model: torch.nn.Module, x: torch.Tensor,
                                     **forward_kwargs) -> None:
     """Conv weights are stored channels-last (and stay so through ``load_state_dict``),
-    outputs come back channels-last, and outputs and training gradients equal those of
-    the same model with NCHW weights up to float rounding."""
+    outputs come back as contiguous NCHW maps, and outputs and training gradients equal
+    those of the same model with NCHW weights up to float rounding."""
     def conv_weights(m):
         return [c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
 
@@ -97,7 +97,8 @@ def check_channels_last_equals_nchw(model: torch.nn.Module, x: torch.Tensor,
     for m in (model, nchw):
         with torch.no_grad():
             outs.append(m.eval()(x, **forward_kwargs))
-    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs[0])
+    # contiguous NCHW outputs: mmcv's RoIAlign ignores strides (see output_map)
+    assert all(o.is_contiguous() for o in outs[0])
     for u, v in zip(*outs):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
     for m in (model, nchw):

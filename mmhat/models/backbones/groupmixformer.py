@@ -559,7 +559,7 @@ class GroupMixFormer(PyramidBackbone):
                 tokens = self.run_block(block, tokens, hw, valid)
             x = nlc_to_nchw(tokens, hw)  # (B, C, H_i, W_i)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(self.output_map(x))
         return tuple(outs)
 
     @staticmethod

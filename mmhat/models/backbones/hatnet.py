@@ -327,7 +327,7 @@ class HATNet(PyramidBackbone):
             for block in stage.blocks:
                 x = self.run_block(block, x)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(self.output_map(x))
         return tuple(outs)
 
     def init_default_weights(self) -> None:

@@ -382,10 +382,10 @@ class ShuntedTransformer(PyramidBackbone):
             x, hw = self.run_block(stage.patch_embed, x)  # (B, H_i*W_i, C_i)
             for block in stage.blocks:
                 x = self.run_block(block, x, hw)
-            # a channels-last view: the next stage's conv and the necks take it as it is
+            # a channels-last view: the next stage's conv takes it as it is
             x = nlc_to_nchw(stage.norm(x), hw)  # (B, C_i, H_i, W_i)
             if i in self.out_indices:
-                outs.append(x)
+                outs.append(self.output_map(x))
         return tuple(outs)
 
     def init_default_weights(self) -> None:
