@@ -15,10 +15,12 @@ torch.compile):
     ``--batch-size``); throughput = images / median latency;
   * peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the pass;
     on CPU the rise of the process's peak resident set (VmHWM, reset through
-    ``/proc/self/clear_refs``) during the first pass, with glibc told to ``mmap`` every
-    block of 128 KiB or more for that pass, so that freed tensors leave RSS at once and the
-    figure follows the live tensors (reproducible to ~1%, against +-15% with the heap's
-    reuse). Every row runs in a fresh subprocess so one row's peak can never hide another's;
+    ``/proc/self/clear_refs``) during one more pass after the timed ones, with the heap
+    trimmed and glibc told to ``mmap`` every block of 128 KiB or more for that pass, so that
+    freed tensors leave RSS at once and the figure follows the live tensors (reproducible to
+    ~1%, against +-15% with the heap's reuse). The timed passes run first, with the
+    allocator as users have it: after such an allocator change they ran up to 1.6x slower.
+    Every row runs in a fresh subprocess so one row's peak can never hide another's;
   * mode ``infer``: a forward under ``torch.inference_mode``; mode ``train``: forward, then
     backward of the sum of every output (the backbone's share of a detector's step);
   * FLOPs as tools/get_flops.py counts them (one fused multiply-add = one FLOP), divided by the
@@ -307,6 +309,15 @@ def _set_mmap_threshold(nbytes: int) -> bool:
         return False
 
 
+def _malloc_trim() -> bool:
+    """Return the heap's free pages to the system (glibc ``malloc_trim``; False elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def _status_kb(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -429,7 +440,17 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
         _sync(device)
         compile_s = time.perf_counter() - t0
 
-    # Memory: the first pass (one-time buffers included: a real first step pays them too).
+    # Timing first, with the allocator as users have it: the memory pass below changes
+    # glibc's mmap threshold, and timed passes run after such a change were up to 1.6x
+    # slower and reordered models (every freed block went back to the system and was
+    # faulted in again).
+    for _ in range(task['warmup']):
+        step()
+    result = dict(compile_s=compile_s, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
+
+    # Memory: one more pass, the peak above what was allocated before it (steady state: the
+    # warm-up already paid one-time buffers).
     gc.collect()
     if device.type == 'cuda':
         _sync(device)
@@ -442,22 +463,18 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
     elif compile_s is not None:
         # The compiler's heap stays in the process and the allocator reuses it, so a peak-RSS
         # rise says nothing about the compiled model; only CUDA's allocator counts it.
-        step()
         peak_mb, mem_method = None, 'not measured (compiled, CPU)'
     else:
-        exact = _set_mmap_threshold(128 * 1024)
+        # Free heap pages go back to the system first, so reusing them shows in RSS again.
+        trimmed = _malloc_trim()
+        exact = _set_mmap_threshold(128 * 1024) and trimmed
         mem_method = _reset_peak_rss()
         base = _rss_kb(mem_method)
         step()
         peak_mb = (_peak_kb(mem_method) - base) / 1024
-        if exact:  # the timed passes run with glibc's usual ceiling again
-            _set_mmap_threshold(32 * 2**20)
-            mem_method += ', blocks >= 128 KiB mmapped'
-    for _ in range(task['warmup'] - 1):
-        step()
-    result = dict(peak_mem_mb=peak_mb, mem_method=mem_method, compile_s=compile_s,
-                  params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-    result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
+        if exact:
+            mem_method += ', heap trimmed, blocks >= 128 KiB mmapped'
+    result.update(peak_mem_mb=peak_mb, mem_method=mem_method)
     if task['flops']:
         result['gflops'] = count_gflops(desc, model, (H, W)) * task['batch']
     return result
@@ -711,7 +728,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
         f'{mm["gflops_per_s"]:.1f} GFLOP/s (1 FMA = 1 FLOP, as get_flops counts)',
         f'- batch {report["settings"]["batch_size"]}; median of up to '
         f'{report["settings"]["runs"]} runs after {report["settings"]["warmup"]} warm-up; '
-        f'peak memory = rise during the first pass ({mem_method})',
+        f'peak memory = rise during one more pass after the timed ones ({mem_method})',
         '',
     ]
     vs = f' vs {ref}' if ref else ''
@@ -893,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=1)
     p.add_argument('--runs', type=int, default=5, help='timed passes per row (median)')
     p.add_argument('--warmup', type=int, default=1,
-                   help='untimed passes first (>= 1; the first one measures memory)')
+                   help='untimed passes before the timed ones (>= 1)')
     p.add_argument('--max-seconds', type=float, default=60.0,
                    help=f'stop a row\'s timed passes after this long (>= {MIN_RUNS} kept)')
     p.add_argument('--matmul-size', type=int, default=2048)
