@@ -15,11 +15,12 @@ torch.compile):
     ``--batch-size``); throughput = images / median latency;
   * peak memory: on CUDA ``max_memory_allocated`` above what was allocated before the pass;
     on CPU the rise of the process's peak resident set (VmHWM, reset through
-    ``/proc/self/clear_refs``) during one more pass after the timed ones, with the heap
-    trimmed and glibc told to ``mmap`` every block of 128 KiB or more for that pass, so that
-    freed tensors leave RSS at once and the figure follows the live tensors (reproducible to
-    ~1%, against +-15% with the heap's reuse). The timed passes run first, with the
-    allocator as users have it: after such an allocator change they ran up to 1.6x slower.
+    ``/proc/self/clear_refs``) during the first pass of a second fresh process, in which
+    glibc was told from start-up to ``mmap`` every block of 128 KiB or more, so that freed
+    tensors leave RSS at once and the figure follows the live tensors (reproducible to ~1%,
+    against +-15% with the heap's reuse). The timed passes run in a process of their own
+    with the allocator as users have it: after such an allocator change they ran up to 1.6x
+    slower, and measured after timed passes the peak counted the heap's reused blocks again.
     Every row runs in a fresh subprocess so one row's peak can never hide another's;
   * mode ``infer``: a forward under ``torch.inference_mode``; mode ``train``: forward, then
     backward of the sum of every output (the backbone's share of a detector's step);
@@ -309,15 +310,6 @@ def _set_mmap_threshold(nbytes: int) -> bool:
         return False
 
 
-def _malloc_trim() -> bool:
-    """Return the heap's free pages to the system (glibc ``malloc_trim``; False elsewhere)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 def _status_kb(field: str) -> int:
     with open('/proc/self/status') as f:
         for line in f:
@@ -397,6 +389,13 @@ def count_gflops(model_desc: Dict[str, Any], model: torch.nn.Module,
 def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
     """Build one model and measure one row; runs in a fresh process (see module docstring)."""
     torch.set_num_threads(task['threads'])
+    # 'all': time and memory in this process (CUDA, whose allocator counts exactly);
+    # 'time' / 'memory': one of them, the parent runs the other in a second fresh process.
+    phase = task.get('phase', 'all')
+    exact = False
+    if phase == 'memory':
+        # Before anything is allocated, so that the heap never holds a large freed block.
+        exact = _set_mmap_threshold(128 * 1024)
     desc = task['model']
     MODELS = _registry()
     from mmhat.models.layers import set_fused_attn
@@ -440,17 +439,15 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
         _sync(device)
         compile_s = time.perf_counter() - t0
 
-    # Timing first, with the allocator as users have it: the memory pass below changes
-    # glibc's mmap threshold, and timed passes run after such a change were up to 1.6x
-    # slower and reordered models (every freed block went back to the system and was
-    # faulted in again).
-    for _ in range(task['warmup']):
-        step()
     result = dict(compile_s=compile_s, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
-    result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
+    if phase in ('all', 'time'):
+        for _ in range(task['warmup']):
+            step()
+        result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
+    if phase == 'time':
+        return result
 
-    # Memory: one more pass, the peak above what was allocated before it (steady state: the
-    # warm-up already paid one-time buffers).
+    # Memory: the peak above what was allocated before the pass.
     gc.collect()
     if device.type == 'cuda':
         _sync(device)
@@ -465,15 +462,14 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
         # rise says nothing about the compiled model; only CUDA's allocator counts it.
         peak_mb, mem_method = None, 'not measured (compiled, CPU)'
     else:
-        # Free heap pages go back to the system first, so reusing them shows in RSS again.
-        trimmed = _malloc_trim()
-        exact = _set_mmap_threshold(128 * 1024) and trimmed
+        # The first pass of a fresh process (one-time buffers included: a real first step
+        # pays them too), every block >= 128 KiB mmapped since start-up (phase 'memory').
         mem_method = _reset_peak_rss()
         base = _rss_kb(mem_method)
         step()
         peak_mb = (_peak_kb(mem_method) - base) / 1024
         if exact:
-            mem_method += ', heap trimmed, blocks >= 128 KiB mmapped'
+            mem_method += ', blocks >= 128 KiB mmapped'
     result.update(peak_mem_mb=peak_mb, mem_method=mem_method)
     if task['flops']:
         result['gflops'] = count_gflops(desc, model, (H, W)) * task['batch']
@@ -564,7 +560,11 @@ def plan_rows(models: Sequence[Dict[str, Any]], args) -> List[Dict[str, Any]]:
                                          batch=args.batch_size,
                                          threads=args.threads, device=args.device,
                                          runs=args.runs, warmup=args.warmup,
-                                         max_seconds=args.max_seconds, flops=flops))
+                                         max_seconds=args.max_seconds, flops=flops,
+                                         # CPU peak RSS needs a process of its own (see
+                                         # run_model_task); compiled rows report none.
+                                         phase='time' if str(args.device).startswith('cpu')
+                                         and not comp else 'all'))
     return rows
 
 
@@ -594,6 +594,12 @@ def measure_rows(rows: List[Dict[str, Any]], args,
         ok = [a for a in attempts if 'error' not in a]
         # Keep the least contended attempt; say how many there were.
         res = min(ok, key=lambda a: a.get('foreign_cores') or 0.0) if ok else attempts[-1]
+        if ok and task.get('phase') == 'time' and not task['compile']:
+            # Memory in a second fresh process (contention does not change it: no retries).
+            mem = spawn(dict(task, phase='memory', flops=False), args.worker_timeout)
+            res = dict(res, **{k: mem.get(k) for k in ('peak_mem_mb', 'mem_method')})
+            if 'error' in mem:
+                res['mem_method'] = f'memory pass failed: {mem["error"]}'
         row = {k: v for k, v in task.items() if k not in ('model', 'flops')}
         row.update(model=task['model']['label'], model_key=task['model']['key'],
                    model_type=task['model']['type'], arch=task['model']['arch'],
@@ -728,7 +734,7 @@ def to_markdown(report: Dict[str, Any]) -> str:
         f'{mm["gflops_per_s"]:.1f} GFLOP/s (1 FMA = 1 FLOP, as get_flops counts)',
         f'- batch {report["settings"]["batch_size"]}; median of up to '
         f'{report["settings"]["runs"]} runs after {report["settings"]["warmup"]} warm-up; '
-        f'peak memory = rise during one more pass after the timed ones ({mem_method})',
+        f'peak memory = rise during the first pass of a separate process ({mem_method})',
         '',
     ]
     vs = f' vs {ref}' if ref else ''
