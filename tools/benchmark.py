@@ -445,7 +445,7 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
             step()
         result.update(_timed_runs(step, device, task['runs'], task['max_seconds']))
     if phase == 'time':
-        return result
+        return _with_flops(result, task, model)
 
     # Memory: the peak above what was allocated before the pass.
     gc.collect()
@@ -471,8 +471,14 @@ def run_model_task(task: Dict[str, Any]) -> Dict[str, Any]:
         if exact:
             mem_method += ', blocks >= 128 KiB mmapped'
     result.update(peak_mem_mb=peak_mb, mem_method=mem_method)
+    return _with_flops(result, task, model)
+
+
+def _with_flops(result: Dict[str, Any], task: Dict[str, Any], model) -> Dict[str, Any]:
+    """``result`` with the row's GFLOPs where the task asks for them (once per model/size)."""
     if task['flops']:
-        result['gflops'] = count_gflops(desc, model, (H, W)) * task['batch']
+        H, W = task['size']
+        result['gflops'] = count_gflops(task['model'], model, (H, W)) * task['batch']
     return result
 
 
