@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,10 @@ def test_json_has_every_raw_number(quick_run):
         assert all(positive(t) for t in r['latency_all_s'])
         assert r['foreign_cores'] is None or r['foreign_cores'] >= 0
         assert positive(r['own_cpu_share'])
+        # CPU memory comes from a second process of its own, not from the timed one.
+        assert r['phase'] == 'time'
+        if sys.platform == 'linux':
+            assert r['mem_method'].endswith('blocks >= 128 KiB mmapped'), r['mem_method']
     infer = results[0]
     for key in ('gflops', 'achieved_gflops_per_s', 'matmul_fraction'):
         assert positive(infer[key]), (key, infer[key])
