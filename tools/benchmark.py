@@ -600,7 +600,7 @@ def measure_rows(rows: List[Dict[str, Any]], args,
         ok = [a for a in attempts if 'error' not in a]
         # Keep the least contended attempt; say how many there were.
         res = min(ok, key=lambda a: a.get('foreign_cores') or 0.0) if ok else attempts[-1]
-        if ok and task.get('phase') == 'time' and not task['compile']:
+        if ok and task['phase'] == 'time':  # CPU, eager (plan_rows)
             # Memory in a second fresh process (contention does not change it: no retries).
             mem = spawn(dict(task, phase='memory', flops=False), args.worker_timeout)
             res = dict(res, **{k: mem.get(k) for k in ('peak_mem_mb', 'mem_method')})

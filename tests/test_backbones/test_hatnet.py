@@ -86,10 +86,14 @@ def test_transcnn_equals_official(official, num_threads):
     # Stages 1-2 at the usual bar. Bit-for-bit agreement in stages 3-4 holds only on the CPU
     # the reference was made on: on another host's kernels stage 3 was off by 4.7e-3 of
     # max|ref| (2e-2 still fails structural errors, which are O(1)) and stage 4, whose
-    # near one-hot softmax amplifies any rounding, by 0.17: only its shape is portable.
+    # near one-hot softmax amplifies any rounding, by 0.17 (cosine 0.996 to the reference).
+    # A miswired stage-4 layer (one weight reversed) measured cosine 0.43-0.71; 0.99 is the bar.
     R.assert_matches_reference(outs[:2], case['outputs'][:2])
     R.assert_matches_reference(outs[2:3], case['outputs'][2:3], rel=2e-2)
-    assert outs[3].shape == case['outputs'][3].shape and torch.isfinite(outs[3]).all()
+    ref4 = case['outputs'][3]
+    assert outs[3].shape == ref4.shape
+    cos = torch.nn.functional.cosine_similarity(outs[3].flatten(), ref4.flatten(), dim=0)
+    assert cos >= 0.99, f'stage 4: cosine {cos:.4f} to the official output < 0.99'
 
 
 def test_transcnn_fused_equals_official_where_well_conditioned(official):
