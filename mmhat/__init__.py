@@ -1,10 +1,8 @@
 """mmhat: hierarchical-attention backbones for MMDetection and MMSegmentation.
 
-Importing mmhat (which any ``type='mmhat.X'`` config does) registers the backbones in
-``mmhat.registry.MODELS`` and allow-lists the checkpoint metadata types that torch's
-``weights_only`` loading needs (see :mod:`mmhat.checkpoint`).
+Importing mmhat (which any ``type='mmhat.X'`` config does) only makes its registries
+available; ``mmhat.models`` registers the backbones in ``mmhat.registry.MODELS``. Nothing
+outside mmhat is changed on import: what needs a patch of torch, mmengine or mmcv asks for
+it in a ``with`` block (see :mod:`mmhat.checkpoint` and :mod:`mmhat.engine`).
 """
-from .checkpoint import register_safe_globals
 from .version import __version__  # noqa: F401
-
-register_safe_globals()

@@ -2,11 +2,11 @@
 
 Everything that touches a checkpoint file goes through this module:
 
-* :func:`register_safe_globals` allow-lists exactly the non-tensor types that official
-  classification checkpoints and mmengine training checkpoints contain, so that torch's
-  ``weights_only=True`` default (torch >= 2.6) loads them, ``--resume`` / ``load_from``
-  work, and a checkpoint carrying any other pickled object is refused (it cannot run code).
-  ``import mmhat`` calls it.
+* :func:`checkpoint_safe_globals` allow-lists, inside a ``with`` block, exactly the non-tensor
+  types that official classification checkpoints and mmengine training checkpoints contain,
+  so that torch's ``weights_only=True`` default (torch >= 2.6) loads them and a checkpoint
+  carrying any other pickled object is refused (it cannot run code). Nothing is changed
+  outside the block; :mod:`mmhat.engine.checkpointing` uses it for ``--resume``.
 * :func:`load_checkpoint_file` reads a local path or URL and turns every failure into an
   error that says what to do.
 * :func:`extract_state_dict` unwraps ``model`` / ``state_dict`` / ``module`` containers and
@@ -16,6 +16,7 @@ Everything that touches a checkpoint file goes through this module:
   reported by name.
 """
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -63,36 +64,21 @@ def _safe_global_types() -> list:
     return types
 
 
-def _history_buffer_getstate(self) -> dict:
-    """Pickle a HistoryBuffer without its statistics methods.
+@contextlib.contextmanager
+def checkpoint_safe_globals():
+    """Allow-list, for the duration of the block, the non-tensor types that official and
+    mmengine checkpoints legitimately hold.
 
-    mmengine 0.10.7 stores them as ``getattr(HistoryBuffer, 'min')`` etc., which
-    ``weights_only`` loading refuses (allowing ``getattr`` would open the door again). They
-    are class-level and every ``HistoryBuffer.__init__`` registers them, so nothing is lost.
+    torch >= 2.6 loads with ``weights_only=True`` by default and refuses every other global:
+    DeiT-style classification checkpoints store ``argparse.Namespace``, mmengine's store numpy
+    scalars and ``HistoryBuffer``. Turning ``weights_only`` off instead would let a downloaded
+    file execute arbitrary code. Only the types not already allowed are added, and exactly
+    those are removed on exit, so the block nests and leaves torch's list as it found it.
     """
-    state = dict(self.__dict__)
-    state.pop('statistics_methods', None)
-    return state
-
-
-def register_safe_globals() -> None:
-    """Allow-list the types official and mmengine checkpoints legitimately hold.
-
-    torch >= 2.6 loads with ``weights_only=True`` by default, and mmengine 0.10.7 calls
-    ``torch.load`` without the argument; without this, ``--resume`` fails on
-    ``HistoryBuffer`` and DeiT-style checkpoints on ``argparse.Namespace``. Turning
-    ``weights_only`` off instead would let a downloaded file execute arbitrary code.
-    It also makes ``HistoryBuffer`` pickle without ``getattr`` references, so the
-    checkpoints mmhat's tools write resume under ``weights_only=True``.
-    """
-    add = getattr(torch.serialization, 'add_safe_globals', None)
-    if add is not None:
-        add(_safe_global_types())
-    try:
-        from mmengine.logging.history_buffer import HistoryBuffer
-        HistoryBuffer.__getstate__ = _history_buffer_getstate
-    except ImportError:  # pragma: no cover
-        pass
+    before = set(map(id, torch.serialization.get_safe_globals()))
+    added = [t for t in _safe_global_types() if id(t) not in before]
+    with torch.serialization.safe_globals(added):
+        yield
 
 
 # ---------------------------------------------------------------------------------------
@@ -113,7 +99,8 @@ def load_checkpoint_file(filename: str, map_location: str = 'cpu') -> dict:
             f'"Model zoo" for where each official checkpoint lives) and put it at that path, '
             f'or set the backbone\'s init_cfg=None to start from random weights.')
     try:
-        return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
+        with checkpoint_safe_globals():
+            return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f'refused to load {filename!r}: it contains pickled objects that are not plain '

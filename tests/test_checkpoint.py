@@ -1,30 +1,53 @@
 """Checkpoint files: safe loading (torch >= 2.6 weights_only), unwrapping, conversion, errors."""
 import argparse
 import os
+import pickle
 
 import numpy as np
 import pytest
 import torch
 
-import mmhat  # noqa: F401  registers the safe globals
-from mmhat.checkpoint import (CheckpointError, convert_state_dict, extract_state_dict,
-                              load_checkpoint_file)
+from mmhat.checkpoint import (CheckpointError, checkpoint_safe_globals, convert_state_dict,
+                              extract_state_dict, load_checkpoint_file)
+from mmhat.engine import resumable_checkpoints
 
 
-def test_metadata_of_official_and_mmengine_checkpoints_loads(tmp_path):
+def _training_checkpoint():
     """What STACK.md measured failing under weights_only=True: argparse args, numpy scalars
     in meta, mmengine's HistoryBuffer in a resume checkpoint."""
     from mmengine.logging.history_buffer import HistoryBuffer
     buf = HistoryBuffer()
     buf.update(1.5)
-    ckpt = {'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(lr=0.1, model='x'),
+    return {'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(lr=0.1, model='x'),
             'meta': {'seed': np.int64(3), 'loss': np.float32(0.5), 'arr': np.arange(3)},
             'message_hub': {'log_scalars': {'loss': buf}}}
+
+
+def test_training_checkpoints_save_and_load_inside_the_block_only(tmp_path):
     path = tmp_path / 'c.pth'
-    torch.save(ckpt, path)
-    loaded = torch.load(path)  # the default, as mmengine calls it
+    with resumable_checkpoints():
+        torch.save(_training_checkpoint(), path)
+        loaded = torch.load(path)  # the default, as mmengine calls it
     assert loaded['args'].lr == 0.1 and loaded['meta']['seed'] == 3
     assert loaded['message_hub']['log_scalars']['loss'].current() == 1.5
+    with pytest.raises(pickle.UnpicklingError, match='Weights only load failed'):
+        torch.load(path)  # outside: torch's list is as it was
+    # saved outside the block, mmengine's HistoryBuffer carries getattr references that no
+    # allow-list admits: that is why saving needs the block too
+    torch.save(_training_checkpoint(), tmp_path / 'd.pth')
+    with resumable_checkpoints(), pytest.raises(pickle.UnpicklingError, match='getattr'):
+        torch.load(tmp_path / 'd.pth')
+
+
+def test_safe_globals_nest_and_restore():
+    before = torch.serialization.get_safe_globals()
+    with checkpoint_safe_globals():
+        inside = torch.serialization.get_safe_globals()
+        with checkpoint_safe_globals():
+            assert torch.serialization.get_safe_globals() == inside
+        assert torch.serialization.get_safe_globals() == inside  # the inner exit kept them
+    assert argparse.Namespace in inside and argparse.Namespace not in before
+    assert set(map(id, torch.serialization.get_safe_globals())) == set(map(id, before))
 
 
 class _Payload:

@@ -18,7 +18,9 @@ def save(path, value=1.0):
 
 
 def test_atomic_backend_writes_complete_files_only(tmp_path):
-    backend = get_file_backend(str(tmp_path), backend_args=dict(backend=ATOMIC_BACKEND))
+    cfg = Config(dict(default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1))))
+    use_atomic_checkpoints(cfg)  # registers the backend with mmengine, as tools/train.py does
+    backend = get_file_backend(str(tmp_path), backend_args=cfg.default_hooks.checkpoint.backend_args)
     assert isinstance(backend, AtomicLocalBackend)
     target = tmp_path / 'sub' / 'epoch_1.pth'
     backend.put(b'abc', target)

@@ -16,7 +16,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 import torch  # noqa: E402
 
-import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
+import mmhat.models  # noqa: E402,F401  registers the backbones
 from mmhat.checkpoint import (CheckpointError, extract_state_dict,  # noqa: E402
                               load_checkpoint_file, load_state_dict_strict)
 from mmhat.registry import MODELS  # noqa: E402

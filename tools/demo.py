@@ -16,7 +16,7 @@ import warnings
 
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
-import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
+from mmhat.engine import resumable_checkpoints  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -41,12 +41,14 @@ def build(config: str, checkpoint: str, device: str):
     scope = cfg.get('default_scope', 'mmdet')
     # the backbone's ImageNet init is irrelevant: the checkpoint has every weight
     cfg.model.backbone.init_cfg = None
-    if scope == 'mmseg':
-        from mmseg.apis import init_model
-        cfg.model.pretrained = None
-        return init_model(cfg, checkpoint, device=device), scope
-    from mmdet.apis import init_detector
-    return init_detector(cfg, checkpoint, device=device), scope
+    # mmengine's training checkpoints hold types torch >= 2.6 only loads when allow-listed
+    with resumable_checkpoints():
+        if scope == 'mmseg':
+            from mmseg.apis import init_model
+            cfg.model.pretrained = None
+            return init_model(cfg, checkpoint, device=device), scope
+        from mmdet.apis import init_detector
+        return init_detector(cfg, checkpoint, device=device), scope
 
 
 def main(argv=None) -> int:

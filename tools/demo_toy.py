@@ -102,11 +102,12 @@ def final_metrics(work_dir: str) -> Dict:
 
 def draw_prediction(args: argparse.Namespace, checkpoint: str) -> str:
     """Predict one validation image and draw boxes and masks; return the PNG's path."""
-    import mmhat  # noqa: F401  registers mmhat and the safe checkpoint globals
     import mmcv
     import torch
     from mmdet.apis import inference_detector, init_detector
     from mmdet.registry import VISUALIZERS
+
+    from mmhat.engine import resumable_checkpoints
 
     with open(osp.join(args.data_root, 'annotations', 'instances_val.json')) as f:
         images = json.load(f)['images']
@@ -114,7 +115,8 @@ def draw_prediction(args: argparse.Namespace, checkpoint: str) -> str:
         raise DemoError(f'--image {args.image}: the validation set has {len(images)} images')
     img_path = osp.join(args.data_root, 'val', images[args.image]['file_name'])
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    model = init_detector(args.config, checkpoint, device=device)
+    with resumable_checkpoints():  # a training checkpoint, loaded by torch >= 2.6
+        model = init_detector(args.config, checkpoint, device=device)
     result = inference_detector(model, img_path)
     # a name of our own (a Runner in this process may own 'visualizer'), no backends: the
     # picture goes to out_file only

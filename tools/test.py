@@ -12,8 +12,8 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from mmengine.config import DictAction  # noqa: E402
 
-import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
-from mmhat.engine import DataNotFoundError, check_data, prepare_config, setup_cpu_distributed
+from mmhat.engine import (DataNotFoundError, check_data, prepare_config,  # noqa: E402
+                          resumable_checkpoints, setup_cpu_distributed)
 
 
 def parse_args(argv=None):
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     if args.out:
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    runner.test()
+    with resumable_checkpoints():  # load_from on torch >= 2.6
+        runner.test()
     return 0
 
 

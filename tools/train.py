@@ -13,9 +13,9 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from mmengine.config import DictAction  # noqa: E402
 
-import mmhat  # noqa: E402,F401  registers mmhat and the safe checkpoint globals
-from mmhat.engine import (check_checkpoints, check_data, latest_complete_checkpoint,
-                          prepare_config, setup_cpu_distributed, use_atomic_checkpoints)
+from mmhat.engine import (check_checkpoints, check_data, latest_complete_checkpoint,  # noqa: E402
+                          prepare_config, resumable_checkpoints, setup_cpu_distributed,
+                          use_atomic_checkpoints)
 
 
 def parse_args(argv=None):
@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    with resumable_checkpoints():  # --resume / load_from on torch >= 2.6
+        runner.train()
     return 0
 
 

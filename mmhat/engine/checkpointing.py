@@ -1,11 +1,23 @@
-"""Checkpoints that survive being killed: atomic writes, and resuming from a complete file.
+"""Training checkpoints that resume: on torch >= 2.6, and after being killed.
 
-mmengine 0.10.7 writes a checkpoint straight to its final name and then records it in
-``<work_dir>/last_checkpoint``; a SIGKILL during either write leaves a truncated
-``epoch_N.pth`` or an empty pointer that ``--resume`` then fails on. Here checkpoints are
-written to a temporary name and renamed into place (a file under the final name is always
-complete), and ``--resume`` picks the newest checkpoint that is complete.
+Two problems of mmengine 0.10.7, each fixed only where it is asked for (nothing here acts
+on import):
+
+* torch >= 2.6 loads with ``weights_only=True``, and mmengine's own checkpoints hold types it
+  refuses: ``HistoryBuffer`` (allow-listed by :func:`mmhat.checkpoint.checkpoint_safe_globals`)
+  and, inside it, ``getattr`` references to its statistics methods (which no allow-list may
+  admit). :func:`resumable_checkpoints` covers a run: the allow-list while it loads, and
+  ``HistoryBuffer`` pickled without those references while it saves. ``tools/train.py`` and
+  ``tools/test.py`` run inside it; with mmdet's or mmseg's own ``train.py``, one config line
+  does the same: ``custom_hooks = [dict(type='mmhat.ResumeCompatHook')]``.
+* mmengine writes a checkpoint straight to its final name and then records it in
+  ``<work_dir>/last_checkpoint``; a SIGKILL during either write leaves a truncated
+  ``epoch_N.pth`` or an empty pointer that ``--resume`` then fails on. With
+  :func:`use_atomic_checkpoints` checkpoints are written to a temporary name and renamed into
+  place (a file under the final name is always complete), and
+  :func:`latest_complete_checkpoint` finds the newest checkpoint that is complete.
 """
+import contextlib
 import glob
 import os
 import os.path as osp
@@ -13,8 +25,68 @@ import zipfile
 from typing import Optional, Tuple, Union
 
 from mmengine.fileio import LocalBackend, register_backend
+from mmengine.hooks import Hook
+from mmengine.logging.history_buffer import HistoryBuffer
+
+from mmhat.checkpoint import checkpoint_safe_globals
+from mmhat.registry import HOOKS
 
 ATOMIC_BACKEND = 'mmhat_atomic_local'
+
+
+def _history_buffer_state(self) -> dict:
+    """``HistoryBuffer`` state without its ``statistics_methods``: mmengine stores them as
+    ``getattr(HistoryBuffer, 'min')`` references, which ``weights_only`` loading refuses.
+    They are class-level and ``HistoryBuffer.__init__`` registers them again, so nothing is
+    lost."""
+    state = dict(self.__dict__)
+    state.pop('statistics_methods', None)
+    return state
+
+
+@contextlib.contextmanager
+def resumable_checkpoints():
+    """A block in which mmengine checkpoints are saved and loaded under ``weights_only``.
+
+    Saving pickles ``HistoryBuffer`` without ``getattr`` references; loading allow-lists the
+    types the files hold. Both are undone on exit, nested blocks included.
+    """
+    had_own = '__getstate__' in vars(HistoryBuffer)
+    previous = vars(HistoryBuffer).get('__getstate__')
+    HistoryBuffer.__getstate__ = _history_buffer_state
+    try:
+        with checkpoint_safe_globals():
+            yield
+    finally:
+        if had_own:
+            HistoryBuffer.__getstate__ = previous
+        else:
+            del HistoryBuffer.__getstate__
+
+
+@HOOKS.register_module()
+class ResumeCompatHook(Hook):
+    """:func:`resumable_checkpoints` for a whole run, for mmdet's / mmseg's own ``train.py``:
+    ``custom_hooks = [dict(type='mmhat.ResumeCompatHook')]`` makes ``--resume`` and
+    ``load_from`` work on torch >= 2.6 (``tools/train.py`` needs no hook).
+
+    It enters the block at ``before_run``, which mmengine calls before it loads or resumes,
+    and leaves it at ``after_run``.
+    """
+    priority = 'VERY_HIGH'
+
+    def __init__(self) -> None:
+        self._block: Optional[contextlib.ExitStack] = None
+
+    def before_run(self, runner) -> None:
+        if self._block is None:
+            self._block = contextlib.ExitStack()
+            self._block.enter_context(resumable_checkpoints())
+
+    def after_run(self, runner) -> None:
+        if self._block is not None:
+            self._block.close()
+            self._block = None
 
 
 class AtomicLocalBackend(LocalBackend):
@@ -31,16 +103,17 @@ class AtomicLocalBackend(LocalBackend):
         os.replace(tmp, filepath)  # atomic on POSIX: readers see the old or the new file
 
 
-register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
-
-
 def use_atomic_checkpoints(cfg) -> None:
-    """Make the config's CheckpointHook write local checkpoints atomically."""
+    """Make the config's CheckpointHook write local checkpoints atomically (registers the
+    ``mmhat_atomic_local`` file backend with mmengine, the first time only)."""
     hook = (cfg.get('default_hooks') or {}).get('checkpoint')
     if not hook or hook.get('backend_args') or hook.get('file_client_args'):
         return  # the user chose a storage backend
     if '://' in str(hook.get('out_dir') or ''):
         return
+    from mmengine.fileio.backends.registry_utils import backends
+    if backends.get(ATOMIC_BACKEND) is not AtomicLocalBackend:
+        register_backend(ATOMIC_BACKEND, AtomicLocalBackend, force=True)
     hook['backend_args'] = dict(backend=ATOMIC_BACKEND)
 
 
