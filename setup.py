@@ -1,16 +1,65 @@
 """mmhat: HAT-Net, TransCNN, GroupMixFormer and Shunted Transformer backbones
 for MMDetection 3.x and MMSegmentation 1.x."""
 import re
+import shutil
 from pathlib import Path
+from typing import List
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
+#: where a built (non-editable) package keeps the repository's configs, as mmdet and mmseg
+#: do (``mmdet/.mim/configs``); ``python -m mmhat.configs`` finds them there
+CONFIGS_IN_PACKAGE = Path('mmhat') / '.mim' / 'configs'
 
 
 def read_version() -> str:
     text = (HERE / 'mmhat' / 'version.py').read_text()
     return re.search(r"__version__ = '([^']+)'", text).group(1)
+
+
+class BuildPyWithConfigs(build_py):
+    """``build_py`` that also copies ``configs/`` into the built package.
+
+    The copy goes to the build directory only, never into the source tree, so nothing
+    appears that git would see. The tree keeps its layout (``_base_/``, ``det/``, ``seg/``),
+    so the configs' relative ``_base_`` paths resolve from the installed location too.
+
+    Before building, the package left in the build directory by an earlier build is removed:
+    setuptools never deletes from it, and a module deleted from the source would otherwise
+    still ship in the next wheel.
+
+    An editable install (``pip install -e .``) builds nothing here: mmhat is imported from
+    the checkout and finds the configs at ``<checkout>/configs``.
+    """
+
+    def _copied_configs(self) -> List[Path]:
+        source = HERE / 'configs'
+        return sorted(p for p in source.rglob('*.py') if '__pycache__' not in p.parts)
+
+    def run(self) -> None:
+        if self.editable_mode:
+            return super().run()
+        shutil.rmtree(Path(self.build_lib) / 'mmhat', ignore_errors=True)
+        super().run()
+        source = HERE / 'configs'
+        files = self._copied_configs()
+        if not files:
+            raise RuntimeError(f'no configs under {source}: a package built without them '
+                               'would have nothing for `python -m mmhat.configs`')
+        target = Path(self.build_lib) / CONFIGS_IN_PACKAGE
+        for path in files:
+            out = target / path.relative_to(source)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, out)
+
+    def get_outputs(self, include_bytecode: bool = True) -> List[str]:
+        outputs = super().get_outputs(include_bytecode)
+        if self.editable_mode:
+            return outputs
+        source, target = HERE / 'configs', Path(self.build_lib) / CONFIGS_IN_PACKAGE
+        return outputs + [str(target / p.relative_to(source)) for p in self._copied_configs()]
 
 
 setup(
@@ -21,6 +70,7 @@ setup(
     long_description=(HERE / 'README.md').read_text() if (HERE / 'README.md').exists() else '',
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmhat', 'mmhat.*']),
+    cmdclass={'build_py': BuildPyWithConfigs},
     python_requires='>=3.9',
     # torch and mmcv (compiled with ops) are installed by tools/setup_env.sh; listing
     # them here would let pip replace a CPU/CUDA torch the user chose.
