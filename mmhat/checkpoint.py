@@ -153,16 +153,28 @@ def extract_state_dict(checkpoint: dict, prefix: Optional[str] = None) -> StateD
 
 @dataclass
 class Conversion:
-    """Result of converting a state_dict: the weights and what was dropped, with why."""
+    """Result of converting a state_dict: the weights and what was dropped, with why.
+
+    ``converted``: official keys were renamed; ``legacy_renamed``: keys of an earlier mmhat
+    layout that were renamed to today's (old key -> new key).
+    """
     state_dict: StateDict
     dropped: Dict[str, str] = field(default_factory=dict)
     converted: bool = False
+    legacy_renamed: Dict[str, str] = field(default_factory=dict)
+
+
+def _rename(key: str, rules: Sequence[RenameRule]) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def convert_state_dict(state_dict: StateDict,
                        rename_rules: Sequence[RenameRule],
                        drop_rules: Sequence[DropRule] = (),
-                       native_prefixes: Sequence[str] = ()) -> Conversion:
+                       native_prefixes: Sequence[str] = (),
+                       legacy_rules: Sequence[RenameRule] = ()) -> Conversion:
     """Rename official keys to mmhat's, dropping the keys mmhat does not use.
 
     A pure function: the input is not modified.
@@ -172,21 +184,27 @@ def convert_state_dict(state_dict: StateDict,
         rename_rules: ``(regex, replacement)`` pairs applied in order to every key.
         drop_rules: ``(regex, reason)``; matching keys are removed and reported.
         native_prefixes: if any key starts with one of these, the weights are already in
-            mmhat format and are returned unchanged (early return).
+            mmhat format: only ``legacy_rules`` apply (the names of earlier mmhat releases
+            become today's), nothing is dropped.
+        legacy_rules: ``(regex, replacement)`` pairs for mmhat-format keys.
     """
     if native_prefixes and any(k.startswith(tuple(native_prefixes)) for k in state_dict):
-        return Conversion(dict(state_dict), {}, converted=False)
-    out: StateDict = {}
+        out: StateDict = {}
+        renamed: Dict[str, str] = {}
+        for key, value in state_dict.items():
+            new_key = _rename(key, legacy_rules)
+            if new_key != key:
+                renamed[key] = new_key
+            out[new_key] = value
+        return Conversion(out, {}, converted=False, legacy_renamed=renamed)
+    out = {}
     dropped: Dict[str, str] = {}
     for key, value in state_dict.items():
         reason = next((why for pattern, why in drop_rules if re.search(pattern, key)), None)
         if reason is not None:
             dropped[key] = reason
             continue
-        new_key = key
-        for pattern, repl in rename_rules:
-            new_key = re.sub(pattern, repl, new_key)
-        out[new_key] = value
+        out[_rename(key, rename_rules)] = value
     return Conversion(out, dropped, converted=True)
 
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
+import backbone_contract as contract
 from mmhat.registry import MODELS
 
 ROOT = Path(__file__).parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
-FAMILIES = ['hatnet_t', 'transcnn_t', 'shunted_t', 'groupmixformer_m']
+#: each family's smallest variant, by its backbone base config `<name>_<letter>.py`
+FAMILIES = [f'{cls.reference_name}_{cls.smallest_arch[0]}' for cls in contract.families()]
 NUM_ITERS = 4  # 8 images, batch 2, one epoch
 
 

@@ -11,26 +11,22 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope, init_default_scope
 
-import mmhat  # noqa: F401
+import backbone_contract as contract
 from mmhat.registry import MODELS as MMHAT_MODELS
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
 
-# The model zoo: `{head}_{family}_{variant}[_{schedule}]_{dataset}.py`, the variant letter
-# naming the paper's variant; the default schedule (1x, Semantic FPN 80k, UperNet 160k) is
-# left out of the name.
-ARCHS = {
-    'hatnet': dict(t='tiny', s='small', m='medium', l='large'),
-    'transcnn': dict(t='tiny', s='small', m='medium', l='large'),
-    'groupmixformer': dict(m='mini', t='tiny', s='small', b='base', l='large'),
-    'shunted': dict(t='tiny', s='small', b='base'),
-}
-# "Base-size": the variant of 40-50 M parameters, the size of Swin-S / PVT-M (HAT-Net-M
-# 42.9 M, TransCNN-M 48.3 M, GroupMixFormer-B 45.8 M, Shunted-B 39.6 M); with the small
+# The model zoo: `{head}_{family}_{variant}[_{schedule}]_{dataset}.py`, the family named by
+# its `reference_name`, the variant by the first letter of its arch name; the default
+# schedule (1x, Semantic FPN 80k, UperNet 160k) is left out of the name.
+FAMILIES = {cls.reference_name: cls for cls in contract.families()}
+ARCHS = {name: {arch[0]: arch for arch in cls.arch_zoo} for name, cls in FAMILIES.items()}
+# "Base-size": the variant of 40-50 M parameters, the size of Swin-S / PVT-M; with the small
 # ones they get the 3x multi-scale schedule.
-BASE_SIZE = dict(hatnet='m', transcnn='m', groupmixformer='b', shunted='b')
-BN_FAMILIES = {'transcnn', 'groupmixformer', 'shunted'}
+BASE_SIZE = {name: cls.base_size_arch[0] for name, cls in FAMILIES.items()}
+# Families whose norm is BatchNorm: their COCO/ADE20K configs synchronise it across GPUs.
+BN_FAMILIES = {name for name, cls in FAMILIES.items() if 'BN' in cls.default_norm_cfg['type']}
 ZOO_NAME = re.compile(r'(?P<head>maskrcnn|retinanet|fpn|upernet)_(?P<family>[a-z]+)_'
                       r'(?P<variant>[a-z])(?:_(?P<schedule>3x))?_(?P<dataset>coco|ade20k)')
 ZOO = [p for p in CONFIGS if ZOO_NAME.fullmatch(p.stem)]
@@ -153,10 +149,8 @@ def test_zoo_config_exempts_norms_and_position_encodings_from_weight_decay(path)
     paramwise = load(path).optim_wrapper.paramwise_cfg
     assert paramwise.norm_decay_mult == 0.0
     custom = paramwise.get('custom_keys', {})
-    if 'groupmixformer' in path.stem:
-        assert custom == {'.cpe.': dict(decay_mult=0.0), '.crpe.': dict(decay_mult=0.0)}
-    else:
-        assert not custom  # the other families have no position encodings
+    family = FAMILIES[ZOO_NAME.fullmatch(path.stem)['family']]
+    assert custom == {key: dict(decay_mult=0.0) for key in family.position_encoding_keys}
 
 
 def test_groupmixformer_position_encodings_get_no_weight_decay():
@@ -164,7 +158,8 @@ def test_groupmixformer_position_encodings_get_no_weight_decay():
     (and only those among the convs) lands in a group without weight decay."""
     from mmengine.optim import build_optim_wrapper
     cfg = load(ROOT / 'configs/seg/fpn_groupmixformer_m_ade20k.py')
-    backbone = MMHAT_MODELS.build(dict(cfg.model.backbone, norm_cfg=dict(type='BN')))
+    backbone = MMHAT_MODELS.build(dict(cfg.model.backbone, norm_cfg=dict(type='BN'),
+                                       init_cfg=None))
     wrapper = build_optim_wrapper(backbone, cfg.optim_wrapper)
     decay = {id(p): group['weight_decay'] for group in wrapper.optimizer.param_groups
              for p in group['params']}
@@ -367,12 +362,11 @@ def test_readme_swap_into_an_existing_mm_config(tmp_path, scope):
 
 
 def test_get_flops_of_a_whole_segmentor():
-    """tools/get_flops.py --config traces the full model; the backbone's share equals the
-    backbone measured alone at the same size."""
-    import runpy
-    tool = runpy.run_path(str(ROOT / 'tools' / 'get_flops.py'))
-    whole = tool['measure_config'](str(ROOT / 'configs/seg/fpn_hatnet_t_ade20k.py'), (256, 256))
-    alone = tool['measure']('mmhat.HATNet', 'tiny', (256, 256))
+    """The FLOPs of a whole model (tools/get_flops.py --config): the backbone's share equals
+    the backbone measured alone at the same size."""
+    from mmhat.utils.flops import backbone_flops, config_flops
+    whole = config_flops(str(ROOT / 'configs/seg/fpn_hatnet_t_ade20k.py'), (256, 256))
+    alone = backbone_flops('mmhat.HATNet', 'tiny', (256, 256))
     assert whole['input'] == '256x256'
     assert whole['backbone_gflops'] == pytest.approx(alone['gflops'], rel=1e-6)
     assert whole['gflops'] > whole['backbone_gflops'] > 0

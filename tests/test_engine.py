@@ -89,3 +89,27 @@ def test_bf16_autocast_optim_wrapper_trains_in_bf16():
     before = model.weight.detach().clone()
     wrapper.update_params(out.float().square().mean())
     assert not torch.equal(before, model.weight)
+
+
+def test_bf16_wrapper_casts_mmcv_ops_inside_its_forward_only():
+    """RoIAlign/NMS get float32 inputs inside the wrapper's forward context (their CPU
+    kernels have no bf16 version), and are mmcv's own again outside it."""
+    from mmcv.ops import RoIAlign, nms
+    from mmcv.ops.nms import NMSop
+    from mmhat.registry import OPTIM_WRAPPERS
+    before = (vars(RoIAlign)['forward'], vars(NMSop)['forward'])
+    model = torch.nn.Linear(4, 4)
+    wrapper = OPTIM_WRAPPERS.build(dict(type='mmhat.BF16AutocastOptimWrapper',
+                                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+    feats = torch.randn(1, 8, 16, 16)
+    rois = torch.tensor([[0, 1.0, 1.0, 9.0, 9.0]])
+    boxes, scores = torch.tensor([[0, 0, 4, 4.], [1, 1, 5, 5.]]), torch.tensor([0.9, 0.8])
+    with wrapper.optim_context(model):
+        assert vars(RoIAlign)['forward'] is not before[0]
+        out = RoIAlign((2, 2), 1.0)(feats.bfloat16(), rois.bfloat16())
+        assert out.dtype == torch.bfloat16
+        kept, _ = nms(boxes.bfloat16(), scores.bfloat16(), 0.5)
+    assert (vars(RoIAlign)['forward'], vars(NMSop)['forward']) == before
+    with pytest.raises(RuntimeError, match='BFloat16'):  # mmcv's own kernel, outside
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            RoIAlign((2, 2), 1.0)(feats.bfloat16(), rois.bfloat16())

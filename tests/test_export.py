@@ -33,6 +33,7 @@ from functools import lru_cache
 import pytest
 import torch
 
+import backbone_contract as contract
 import reference as R
 from mmhat.models.layers import set_fused_attn, use_fused_attn
 from mmhat.registry import MODELS
@@ -48,13 +49,8 @@ else:
 
 needs_ort = pytest.mark.skipif(ort is None, reason=ORT_MISSING)
 
-#: family -> (smallest variant, takes ``fused_attn``)
-FAMILIES = {
-    'HATNet': ('tiny', True),
-    'TransCNN': ('tiny', True),
-    'ShuntedTransformer': ('tiny', True),
-    'GroupMixFormer': ('mini', False),  # linear attention: no fused path
-}
+FAMILIES = contract.family_ids()
+FUSED_FAMILIES = [cls.__name__ for cls in contract.families() if cls.fused_attention]
 OPSET = 17
 #: a size where every padding branch of every family is taken (see the module docstring)
 ALL_PADDING_SIZE = (193, 229)
@@ -64,7 +60,7 @@ ALL_PADDING_SIZE = (193, 229)
 def build(family: str) -> torch.nn.Module:
     """The family's smallest variant, random init with seed 0, eval mode (built once)."""
     torch.manual_seed(0)
-    model = MODELS.build(dict(type=f'mmhat.{family}', arch=FAMILIES[family][0]))
+    model = MODELS.build(dict(type=f'mmhat.{family}', arch=MODELS.get(family).smallest_arch))
     model.init_weights()
     return model.eval()
 
@@ -127,7 +123,7 @@ def test_onnx_matches_pytorch(family, hw, tmp_path):
 
 
 @needs_ort
-@pytest.mark.parametrize('family', [f for f, (_, fused) in FAMILIES.items() if fused])
+@pytest.mark.parametrize('family', FUSED_FAMILIES)
 def test_onnx_fused_attention_path_also_exports(family, tmp_path):
     model, x = build(family), image(224, 224)
     with attention_path(fused=True):
@@ -178,7 +174,7 @@ def test_onnx_dynamic_hw_from_an_unpadded_size(family, tmp_path):
     with attention_path(fused=False):
         path = export_onnx(model, image(224, 224), tmp_path / 'model.onnx', dynamic_hw=True)
         why = onnx_mismatch(onnx_session(path), model, image(200, 264, seed=2))
-    if family == 'GroupMixFormer':
+    if not MODELS.get(family).internal_padding:
         assert why == ''
     else:
         assert why, f'{family}: a 224x224 export now works at 200x264; update the docs'

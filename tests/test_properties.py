@@ -1,9 +1,9 @@
 """Properties every backbone keeps at any input size, batch size and ``out_indices``,
 checked with hypothesis for every family's smallest variant (random init, seed 0, eval).
 
-* Shapes: stage ``i`` has ``out_channels`` channels and the family's documented size
-  (ceil(H / 4), then halving with ceil: the same numbers for all four families, each
-  stated its own way); values are finite.
+* Shapes: stage ``i`` has ``out_channels`` channels and the documented size (ceil(H / 4),
+  then halving with ceil, for every family) and the family's ``stage_size`` says the same;
+  values are finite.
 * ``out_indices`` only selects: a model built with a subset returns, bit for bit, those
   stages of the model with all four (same weights).
 * No cross-sample leakage: a batch of different images gives each image's outputs alone
@@ -21,11 +21,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import backbone_contract as contract
 from mmhat.registry import MODELS
 
-#: family -> smallest variant
-SMALLEST = {'HATNet': 'tiny', 'TransCNN': 'tiny', 'ShuntedTransformer': 'tiny',
-            'GroupMixFormer': 'mini'}
+FAMILIES = contract.family_ids()
 ALL_STAGES = (0, 1, 2, 3)
 
 
@@ -36,13 +35,11 @@ def halving(h1: int, i: int) -> int:
     return h1
 
 
-#: each family's documented stage size (the class docstrings' "Output" lines)
-STAGE_SIZE = {
-    'HATNet': lambda s, i: halving(math.ceil(s / 4), i),  # H_1 = ceil(H/4), then ceil halving
-    'TransCNN': lambda s, i: halving(math.ceil(s / 4), i),  # HAT-Net's contract
-    'ShuntedTransformer': lambda s, i: math.ceil(s / 2**(i + 2)),  # ceil(H / 2**(i+2))
-    'GroupMixFormer': lambda s, i: halving(math.ceil(math.ceil(s / 2) / 2), i),
-}
+def stage_size(side: int, i: int) -> int:
+    """The documented contract of every family: the conv chain's ``ceil(H / 4)``, then
+    halving with ceil (written here on its own, not read from the code)."""
+    return halving(math.ceil(side / 4), i)
+
 
 PROPERTY_SETTINGS = settings(derandomize=True, database=None, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -56,7 +53,7 @@ stage_subsets = st.lists(st.sampled_from(ALL_STAGES), min_size=1, max_size=4,
 def build(family: str, out_indices: Tuple[int, ...] = ALL_STAGES) -> torch.nn.Module:
     """Built once per (family, out_indices); every subset shares the seed-0 weights."""
     torch.manual_seed(0)
-    model = MODELS.build(dict(type=f'mmhat.{family}', arch=SMALLEST[family],
+    model = MODELS.build(dict(type=f'mmhat.{family}', arch=MODELS.get(family).smallest_arch,
                               out_indices=out_indices))
     model.init_weights()
     if out_indices != ALL_STAGES:
@@ -74,7 +71,7 @@ def images(batch: int, h: int, w: int, seed: int) -> torch.Tensor:
     return x * scale + offset
 
 
-@pytest.mark.parametrize('family', SMALLEST)
+@pytest.mark.parametrize('family', FAMILIES)
 @settings(PROPERTY_SETTINGS, max_examples=10)
 @given(h=sides, w=sides, batch=st.integers(1, 3), out_indices=stage_subsets, seed=seeds)
 @example(h=32, w=33, batch=1, out_indices=ALL_STAGES, seed=0)  # the smallest, odd width
@@ -87,13 +84,16 @@ def test_shapes_finite_and_out_indices_select(family, h, w, batch, out_indices, 
     assert len(outs) == len(out_indices)
     assert model.out_channels == [full.out_channels[i] for i in out_indices]
     for out, i, channels in zip(outs, out_indices, model.out_channels):
-        expected = (batch, channels, STAGE_SIZE[family](h, i), STAGE_SIZE[family](w, i))
+        expected = (batch, channels, stage_size(h, i), stage_size(w, i))
+        assert (MODELS.get(family).stage_size(h, i), MODELS.get(family).stage_size(w, i)) == \
+            expected[2:], 'the declared stage_size disagrees with the contract'
+
         assert tuple(out.shape) == expected, f'stage {i} at {h}x{w}'
         assert torch.isfinite(out).all(), f'stage {i} at {h}x{w}: non-finite values'
         assert torch.equal(out, all_outs[i]), f'stage {i}: out_indices changed the values'
 
 
-@pytest.mark.parametrize('family', SMALLEST)
+@pytest.mark.parametrize('family', FAMILIES)
 @settings(PROPERTY_SETTINGS, max_examples=8)
 @given(h=sides, w=sides, batch=st.integers(2, 3), seed=seeds)
 @example(h=33, w=47, batch=2, seed=0)

@@ -22,17 +22,17 @@ official model runs.
 """
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
-from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import nchw_to_nlc, nlc_to_nchw
-from .base import PyramidBackbone
+from ..layers import (drop_path, merge_heads, merge_heads_nchw, nchw_to_nlc, nlc_to_nchw,
+                      split_heads_nchw)
+from .base import PyramidBackbone, PyramidStage
 
 #: Kernel sizes of the group proxies: segment ``1 + i`` of q/k/v is aggregated by a
 #: depthwise-separable conv of kernel ``PROXY_KERNEL_SIZES[i]``. Segment 0 is not
@@ -41,6 +41,8 @@ from .base import PyramidBackbone
 PROXY_KERNEL_SIZES = (3, 5, 7)
 #: Kernel of the local (non-attention) branch's separable conv.
 LOCAL_KERNEL_SIZE = 3
+#: Segments of q/k/v: the token level, the proxies, the local branch.
+NUM_SEGMENTS = len(PROXY_KERNEL_SIZES) + 2
 #: Convolutional relative position encoding: (kernel size, number of heads) in head
 #: order. Heads 0-1 use 3x3, heads 2-4 5x5, heads 5-7 7x7. It groups the heads 2/3/3
 #: while the proxies group them 2/2/2/2; the official model does so.
@@ -60,19 +62,34 @@ def zero_outside(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor
     return x if valid is None else x.masked_fill(~valid, 0.)
 
 
-def downsample_valid(valid: Optional[torch.Tensor], stride: int) -> Optional[torch.Tensor]:
-    """The valid region after a ``3x3`` conv with padding 1 and ``stride``.
+ValidSizes = Optional[Tuple[Tuple[int, int], ...]]
 
-    Output ``i`` is centred on input ``stride * i``, and the conv of the un-padded map has
-    ``ceil(H_valid / stride)`` rows, exactly those whose centre is valid.
+
+def valid_mask(valid_sizes: ValidSizes, stride: int, hw: Sequence[int],
+               device: torch.device) -> Optional[torch.Tensor]:
+    """Where a map of the network holds image content, from each image's valid size.
+
+    Every conv here is ``k x k`` with padding ``k // 2``: output ``i`` is centred on input
+    ``s * i``, so a conv of stride ``s`` keeps ``ceil(h / s)`` valid rows of ``h``, and a
+    chain of them of total stride ``stride`` keeps ``ceil(h / stride)``.
 
     Args:
-        valid: ``(B, 1, H, W)`` bool, or None.
+        valid_sizes: per image, ``(h, w)`` of the content at the top-left of the input; None
+            when nothing is padded.
+        stride: the map's stride relative to the input.
+        hw: the map's ``(H, W)``.
 
     Returns:
-        ``(B, 1, ceil(H / stride), ceil(W / stride))`` bool, or None.
+        ``(B, 1, H, W)`` bool, or None.
     """
-    return None if valid is None else valid[..., ::stride, ::stride]
+    if valid_sizes is None:
+        return None
+    H, W = hw
+    heights = torch.tensor([-(-h // stride) for h, _ in valid_sizes], device=device)  # (B, )
+    widths = torch.tensor([-(-w // stride) for _, w in valid_sizes], device=device)  # (B, )
+    rows = torch.arange(H, device=device)[None, :, None] < heights[:, None, None]  # (B, H, 1)
+    cols = torch.arange(W, device=device)[None, None, :] < widths[:, None, None]  # (B, 1, W)
+    return (rows & cols)[:, None]  # (B, 1, H, W)
 
 
 def factorized_attention(q: torch.Tensor,
@@ -168,17 +185,16 @@ class ConvStem(nn.Module):
         self.norm2 = build_norm_layer(norm_cfg, out_channels)[1]
         self.act = build_activation_layer(act_cfg)
 
-    def forward(self, x: torch.Tensor,
-                valid: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(B, 3, H, W)`` -> ``(B, C, ceil(ceil(H/2)/2), ...)`` and its valid region."""
-        x = self.act(self.norm1(self.conv1(zero_outside(x, valid))))
-        valid = downsample_valid(valid, 2)
-        x = self.act(self.norm2(self.conv2(zero_outside(x, valid))))
-        return x, downsample_valid(valid, 2)
+    def forward(self, x: torch.Tensor, valid_sizes: ValidSizes = None) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, C, ceil(H / 4), ceil(W / 4))``; ``valid_sizes``: see
+        :func:`valid_mask`."""
+        x = zero_outside(x, valid_mask(valid_sizes, 1, x.shape[-2:], x.device))
+        x = self.act(self.norm1(self.conv1(x)))
+        x = zero_outside(x, valid_mask(valid_sizes, 2, x.shape[-2:], x.device))
+        return self.act(self.norm2(self.conv2(x)))
 
 
-class PatchEmbed(nn.Module):
+class SeparablePatchEmbed(nn.Module):
     """A stage's entry: separable ``3x3`` conv (stride 1 in stage 0, else 2), norm, act.
 
     Args:
@@ -195,16 +211,14 @@ class PatchEmbed(nn.Module):
         self.norm = build_norm_layer(norm_cfg, out_channels)[1]
         self.act = build_activation_layer(act_cfg)
 
-    def forward(self, x: torch.Tensor,
-                valid: Optional[torch.Tensor] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(B, C_in, H, W)`` -> ``(B, C_out, ceil(H / s), ceil(W / s))``, valid region.
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C_out, ceil(H / s), ceil(W / s))``; ``valid``:
+        ``(B, 1, H, W)`` bool or None, zeros outside it.
 
         The size is the conv's real output size (the official code reports
         ``floor(H / s)`` and fails when that differs).
         """
-        x = self.act(self.norm(self.proj(zero_outside(x, valid))))
-        return x, downsample_valid(valid, self.stride)
+        return self.act(self.norm(self.proj(zero_outside(x, valid))))
 
 
 class GroupAggregator(nn.Module):
@@ -282,19 +296,17 @@ class ConvRelPosEnc(nn.Module):
     def forward(self, q: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``q, v: (B, h, N, d)`` -> ``(B, h, N, d)``; ``valid``: ``(B, 1, H, W)`` or None."""
-        B, h, N, d = v.shape
-        v = v.transpose(-2, -1).reshape(B, h * d, *hw)  # (B, h*d, H, W), channel = head*d + j
-        v = zero_outside(v, valid)
+        h = v.shape[1]
+        v = zero_outside(merge_heads_nchw(v, hw), valid)  # (B, h*d, H, W)
         v = torch.cat([conv(part) for conv, part in
                        zip(self.convs, v.split(self.channel_splits, dim=1))], dim=1)
-        v = v.view(B, h, d, N).transpose(-2, -1)  # (B, h, N, d)
-        return q * v
+        return q * split_heads_nchw(v, h)  # (B, h, N, d)
 
 
 class GroupMixAttention(nn.Module):
     """Group-Mix Attention (paper Sec. 3.2), ``EfficientAtt`` in the official code.
 
-    With ``S = len(proxy_kernel_sizes) + 2`` segments of ``s = D / S`` channels, the
+    With ``S = NUM_SEGMENTS`` (5) segments of ``s = D / S`` channels, the
     attention part has ``C' = (S - 1) s`` channels and ``num_heads`` heads of
     ``d = C' / num_heads`` channels; heads take contiguous channels, so with 8 heads and
     4 attention segments heads 0-1 see tokens, 2-3 the 3x3 proxies, and so on.
@@ -313,28 +325,20 @@ class GroupMixAttention(nn.Module):
         num_heads: heads of the factorised attention.
         norm_cfg / act_cfg: norm and activation of the aggregator (and act of the local
             branch).
-        qkv_bias: bias of ``qkv``.
-        proxy_kernel_sizes: kernels of the group proxies.
-        local_kernel_size: kernel of the local branch.
-        crpe_windows: ``(kernel, heads)`` groups of the CRPE.
+
+    The kernels of the proxies and the local branch, the CRPE windows and the ``qkv``
+    bias are the official model's, constants of this module (every official variant has
+    the same).
     """
 
-    def __init__(self,
-                 embed_dims: int,
-                 num_heads: int,
-                 norm_cfg: dict,
-                 act_cfg: dict,
-                 qkv_bias: bool = True,
-                 proxy_kernel_sizes: Sequence[int] = PROXY_KERNEL_SIZES,
-                 local_kernel_size: int = LOCAL_KERNEL_SIZE,
-                 crpe_windows: Sequence[Tuple[int, int]] = CRPE_WINDOWS) -> None:
+    def __init__(self, embed_dims: int, num_heads: int, norm_cfg: dict, act_cfg: dict) -> None:
         super().__init__()
-        num_segments = len(proxy_kernel_sizes) + 2  # token level + proxies + local branch
+        num_segments = NUM_SEGMENTS
         if embed_dims % num_segments:
             raise ValueError(
                 f'GroupMixAttention: embed_dims {embed_dims} must be divisible by '
                 f'{num_segments} (one segment each for the token level, the '
-                f'{len(proxy_kernel_sizes)} group proxies {tuple(proxy_kernel_sizes)} and the '
+                f'{len(PROXY_KERNEL_SIZES)} group proxies {PROXY_KERNEL_SIZES} and the '
                 f'local branch)')
         self.segment_dims = embed_dims // num_segments
         self.attn_dims = self.segment_dims * (num_segments - 1)
@@ -344,18 +348,18 @@ class GroupMixAttention(nn.Module):
                 f'({num_segments - 1} of {num_segments} segments = {self.attn_dims} channels) '
                 f'must be divisible by num_heads {num_heads}; embed_dims must be a multiple of '
                 f'{num_segments * num_heads // math.gcd(num_segments - 1, num_heads)}')
-        crpe_heads = sum(heads for _, heads in crpe_windows)
+        crpe_heads = sum(heads for _, heads in CRPE_WINDOWS)
         if crpe_heads != num_heads:
-            raise ValueError(f'GroupMixAttention: crpe_windows {tuple(crpe_windows)} cover '
+            raise ValueError(f'GroupMixAttention: the CRPE windows {CRPE_WINDOWS} cover '
                              f'{crpe_heads} heads, but num_heads is {num_heads}')
         self.num_heads = num_heads
         self.head_dims = self.attn_dims // num_heads
         self.scale = (embed_dims // num_heads)**-0.5
-        self.qkv = nn.Linear(embed_dims, 3 * embed_dims, bias=qkv_bias)
-        self.aggregator = GroupAggregator(self.segment_dims, proxy_kernel_sizes, norm_cfg,
+        self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
+        self.aggregator = GroupAggregator(self.segment_dims, PROXY_KERNEL_SIZES, norm_cfg,
                                           act_cfg)
-        self.local_branch = LocalBranch(self.segment_dims, local_kernel_size, act_cfg)
-        self.crpe = ConvRelPosEnc(self.head_dims, crpe_windows)
+        self.local_branch = LocalBranch(self.segment_dims, LOCAL_KERNEL_SIZE, act_cfg)
+        self.crpe = ConvRelPosEnc(self.head_dims, CRPE_WINDOWS)
         self.proj = nn.Linear(embed_dims, embed_dims)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
@@ -380,14 +384,12 @@ class GroupMixAttention(nn.Module):
         local = local.reshape(3, B, self.segment_dims, H, W).transpose(0, 1)  # (B, 3, s, H, W)
         local = self.local_branch(local.reshape(B, 3 * self.segment_dims, H, W))  # (B, N, s)
 
-        groups = self.aggregator(groups)  # (3B, C', H, W)
-        groups = groups.view(3, B, self.num_heads, self.head_dims, N)  # (3, B, h, d, N)
-        q, k, v = groups.transpose(-2, -1).unbind(0)  # each (B, h, N, d)
+        groups = split_heads_nchw(self.aggregator(groups), self.num_heads)  # (3B, h, N, d)
+        q, k, v = groups.unflatten(0, (3, B)).unbind(0)  # each (B, h, N, d)
         key_mask = None if valid is None else valid.reshape(B, 1, N, 1)  # (B, 1, N, 1)
         y = factorized_attention(q, k, v, self.scale, key_mask=key_mask,
                                  bias=self.crpe(q, v, hw, valid))  # (B, h, N, d)
-        y = y.transpose(1, 2).reshape(B, N, self.attn_dims)  # (B, N, C'), head-major
-        return self.proj(torch.cat([y, local], dim=-1))  # (B, N, D)
+        return self.proj(torch.cat([merge_heads(y), local], dim=-1))  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -420,15 +422,16 @@ class GroupMixBlock(nn.Module):
         ffn_act_cfg: activation of the MLP.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float, drop_path: float,
-                 norm_cfg: dict, act_cfg: dict, ffn_act_cfg: dict) -> None:
+    def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float,
+                 drop_path_rate: float, norm_cfg: dict, act_cfg: dict,
+                 ffn_act_cfg: dict) -> None:
         super().__init__()
         self.cpe = nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
         self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
         self.attn = GroupMixAttention(embed_dims, num_heads, norm_cfg, act_cfg)
         self.norm2 = nn.LayerNorm(embed_dims, eps=1e-6)
         self.ffn = Mlp(embed_dims, int(embed_dims * mlp_ratio), ffn_act_cfg)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -438,13 +441,32 @@ class GroupMixBlock(nn.Module):
         return x + self.drop_path(self.ffn(self.norm2(x)))
 
 
-class GroupMixStage(nn.Module):
-    """One stage: its patch embedding, then its blocks (frozen together)."""
+class GroupMixStage(PyramidStage):
+    """One stage: its patch embedding, then its blocks on tokens.
 
-    def __init__(self, patch_embed: PatchEmbed, blocks: Sequence[GroupMixBlock]) -> None:
-        super().__init__()
-        self.patch_embed = patch_embed
-        self.blocks = nn.ModuleList(blocks)
+    Args:
+        patch_embed: the entry, of stride ``entry_stride``.
+        blocks: the blocks.
+        stride: the stage's output stride relative to the image (4, 8, ...).
+        entry_stride: the patch embedding's stride.
+    """
+
+    def __init__(self, patch_embed: SeparablePatchEmbed, blocks: List[GroupMixBlock],
+                 stride: int, entry_stride: int) -> None:
+        super().__init__(patch_embed, blocks)
+        self.stride = stride
+        self.entry_stride = entry_stride
+
+    def forward(self, x: torch.Tensor, valid_sizes: ValidSizes = None) -> torch.Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C, ceil(H / s), ceil(W / s))``, ``s = entry_stride``;
+        ``valid_sizes``: see :func:`valid_mask`."""
+        entry_valid = valid_mask(valid_sizes, self.stride // self.entry_stride, x.shape[-2:],
+                                 x.device)
+        x = self.run(self.patch_embed, x, entry_valid)  # (B, C, H_i, W_i)
+        hw = tuple(x.shape[-2:])
+        valid = valid_mask(valid_sizes, self.stride, hw, x.device)  # (B, 1, H_i, W_i) or None
+        tokens = self.run_blocks(nchw_to_nlc(x), hw, valid)  # (B, H_i*W_i, C)
+        return nlc_to_nchw(tokens, hw)  # (B, C, H_i, W_i)
 
 
 # ---------------------------------------------------------------------------------------
@@ -481,15 +503,14 @@ class GroupMixFormer(PyramidBackbone):
     Args:
         arch: ``'mini'`` (the paper's M, official ``groupmixformer_miny.yaml``), ``'tiny'``,
             ``'small'``, ``'base'``, ``'large'``, or a dict with the keys of ``arch_zoo``.
-        drop_path_rate: stochastic depth, rising linearly over all blocks to this value
-            (official ImageNet training: mini 0.1, tiny 0.1, small 0.2, base 0.5, large 0.1).
-        norm_cfg: norm of the stem, the patch embeddings and the aggregator (default BN;
-            the official code hard-codes SyncBN, which configs for multi-GPU training set).
-            The block norms are LayerNorms, as in the official model.
-        act_cfg: activation after those norms (default Hardswish).
         ffn_act_cfg: activation of the MLPs (default GELU).
-        out_indices, frozen_stages, norm_eval, with_cp, pretrained, init_cfg: see
-            :class:`PyramidBackbone`.
+        **kwargs: the arguments of :class:`PyramidBackbone`. ``norm_cfg`` is the norm of the
+            stem, the patch embeddings and the aggregator (default BN; the official code
+            hard-codes SyncBN, which configs for multi-GPU training set; the block norms are
+            LayerNorms, as in the official model), ``act_cfg`` the activation after those
+            norms (default Hardswish). The official ImageNet training used
+            ``drop_path_rate`` 0.1 / 0.1 / 0.2 / 0.5 / 0.1 for mini / tiny / small / base /
+            large.
 
     Input: ``(B, 3, H, W)``; output: tuple of ``(B, C_i, H_i, W_i)``.
     """
@@ -503,86 +524,49 @@ class GroupMixFormer(PyramidBackbone):
         'large': dict(embed_dims=(240, 320, 360, 480), depths=(8, 10, 30, 10), num_heads=(8, 8, 8, 8), mlp_ratios=(4, 4, 2, 2), stem_channels=120),  # noqa: E501
     }
 
-    def __init__(self,
-                 arch: Union[str, dict] = 'small',
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 drop_path_rate: float = 0.0,
-                 norm_cfg: Optional[dict] = None,
-                 act_cfg: dict = dict(type='HSwish'),
-                 ffn_act_cfg: dict = dict(type='GELU'),
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 with_cp: bool = False,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
-        super().__init__(arch, out_indices, frozen_stages, norm_eval, with_cp, pretrained,
-                         init_cfg)
-        s = self.arch_settings
-        norm_cfg = dict(norm_cfg if norm_cfg is not None else dict(type='BN'))
-        dims = s['embed_dims']
-        self.out_channels = [dims[i] for i in self.out_indices]
+    smallest_arch, base_size_arch = 'mini', 'base'
+    default_act_cfg = dict(type='HSwish')
+    reference_name = 'groupmixformer'
+    position_encoding_keys = ('.cpe.', '.crpe.')  # the convolutional (relative) position encodings
 
-        self.stem = ConvStem(self.in_channels, s['stem_channels'], dims[0], norm_cfg, act_cfg)
-        rates = torch.linspace(0, drop_path_rate, sum(s['depths'])).tolist()
-        self.stages = nn.ModuleList()
-        for i in range(self.num_stages):
-            # Stage 0 keeps the stem's stride 4; every later stage halves.
-            patch_embed = PatchEmbed(dims[max(i - 1, 0)], dims[i], 1 if i == 0 else 2,
-                                     norm_cfg, act_cfg)
-            blocks = [
-                GroupMixBlock(dims[i], s['num_heads'][i], s['mlp_ratios'][i], rates.pop(0),
-                              norm_cfg, act_cfg, ffn_act_cfg) for _ in range(s['depths'][i])
-            ]
-            self.stages.append(GroupMixStage(patch_embed, blocks))
-        self.use_channels_last()
+    def __init__(self, arch: Union[str, dict, None] = None, *,
+                 ffn_act_cfg: dict = dict(type='GELU'), **kwargs) -> None:
+        self.ffn_act_cfg = dict(ffn_act_cfg)
+        super().__init__(arch, **kwargs)
 
-    def forward(self,
-                x: torch.Tensor,
-                valid_sizes: Optional[Sequence[Tuple[int, int]]] = None
-                ) -> Tuple[torch.Tensor, ...]:
-        """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``.
+    def build_stem(self) -> ConvStem:
+        return ConvStem(self.in_channels, self.arch_settings['stem_channels'],
+                        self.arch_settings['embed_dims'][0], self.norm_cfg, self.act_cfg)
 
-        Args:
-            x: images, ``H, W >= 32``.
-            valid_sizes: optional per-image ``(h, w)`` of the content at the top-left of
-                ``x`` (the rest is padding); see the class docstring.
-        """
-        self.check_input(x)
-        valid = self.valid_mask(x, valid_sizes)  # (B, 1, H, W) bool, or None
-        x, valid = self.run_block(self.stem, x, valid)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x, valid = self.run_block(stage.patch_embed, x, valid)  # (B, C, H_i, W_i)
-            hw = tuple(x.shape[-2:])
-            tokens = nchw_to_nlc(x)  # (B, H_i*W_i, C)
-            for block in stage.blocks:
-                tokens = self.run_block(block, tokens, hw, valid)
-            x = nlc_to_nchw(tokens, hw)  # (B, C, H_i, W_i)
-            if i in self.out_indices:
-                outs.append(self.output_map(x))
-        return tuple(outs)
+    def build_stage(self, i: int, drop_path_rates: List[float]) -> GroupMixStage:
+        s, dims = self.arch_settings, self.arch_settings['embed_dims']
+        entry_stride = 1 if i == 0 else 2  # stage 0 keeps the stem's stride 4
+        patch_embed = SeparablePatchEmbed(dims[max(i - 1, 0)], dims[i], entry_stride,
+                                          self.norm_cfg, self.act_cfg)
+        blocks = [
+            GroupMixBlock(dims[i], s['num_heads'][i], s['mlp_ratios'][i], rate, self.norm_cfg,
+                          self.act_cfg, self.ffn_act_cfg) for rate in drop_path_rates
+        ]
+        return GroupMixStage(patch_embed, blocks, stride=4 * 2**i, entry_stride=entry_stride)
 
-    @staticmethod
-    def valid_mask(x: torch.Tensor,
-                   valid_sizes: Optional[Sequence[Tuple[int, int]]]) -> Optional[torch.Tensor]:
-        """``(B, 1, H, W)`` bool, True inside each image's ``(h, w)``; None when there is
-        nothing to mask (no sizes, or every image fills ``x``)."""
+    def forward_extras(self, x: torch.Tensor,
+                       valid_sizes: Optional[Sequence[Tuple[int, int]]] = None
+                       ) -> Dict[str, Any]:
+        """``forward(x, valid_sizes=...)``: optional per-image ``(h, w)`` of the content at
+        the top-left of ``x`` (the rest is padding); see the class docstring. Checked here;
+        nothing is passed on when there is nothing to mask."""
         if valid_sizes is None:
-            return None
+            return {}
         B, _, H, W = x.shape
-        sizes = [(int(size[0]), int(size[1])) for size in valid_sizes]
+        sizes = tuple((int(size[0]), int(size[1])) for size in valid_sizes)
         if len(sizes) != B:
             raise ValueError(f'valid_sizes has {len(sizes)} entries for a batch of {B}')
         bad = [size for size in sizes if not (1 <= size[0] <= H and 1 <= size[1] <= W)]
         if bad:
             raise ValueError(f'valid_sizes {bad} do not fit inputs of {H}x{W}')
         if all(size == (H, W) for size in sizes):
-            return None
-        heights = torch.tensor([h for h, _ in sizes], device=x.device)  # (B, )
-        widths = torch.tensor([w for _, w in sizes], device=x.device)  # (B, )
-        rows = torch.arange(H, device=x.device)[None, :, None] < heights[:, None, None]
-        cols = torch.arange(W, device=x.device)[None, None, :] < widths[:, None, None]
-        return (rows & cols)[:, None]  # (B, 1, H, W)
+            return {}
+        return dict(valid_sizes=sizes)
 
     def init_default_weights(self) -> None:
         """Official init: truncated normal (std 0.02) Linear weights with zero biases,

@@ -18,44 +18,31 @@ every pooled token is the mean of valid pixels only. The outputs at valid positi
 therefore independent of the internal padding, and identical to the official model when no
 padding is needed.
 """
-from typing import Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
-from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (attention, crop, pad_amounts, pad_bottom_right, use_fused_attn,
-                      window_partition, window_reverse)
-from .base import PyramidBackbone
+from ..layers import (attention, drop_path, merge_heads_nchw, pad_amounts, split_heads_nchw,
+                      use_fused_attn, window_attention)
+from .base import PyramidBackbone, PyramidStage
 
 
 # ---------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------
-def heads_from_nchw(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, h*d, H, W)`` (channel = head*d + j) -> ``(B, h, H*W, d)``."""
-    B, C, H, W = x.shape
-    x = x.view(B, num_heads, C // num_heads, H * W)  # (B, h, d, N)
-    return x.transpose(-2, -1)  # (B, h, N, d)
-
-
-def heads_to_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-    """``(B, h, H*W, d)`` -> ``(B, h*d, H, W)``, the inverse of :func:`heads_from_nchw`."""
-    B, h, N, d = x.shape
-    return x.transpose(-2, -1).reshape(B, h * d, *hw)  # (B, C, H, W)
-
-
-class HMHSA(nn.Module):
-    """Hierarchical multi-head self-attention (paper Sec. 3.2), on NCHW maps.
+class HATAttention(nn.Module):
+    """Hierarchical multi-head self-attention, H-MHSA (paper Sec. 3.2), on NCHW maps.
 
     With grid size ``G > 1``:
 
     1. local level: multi-head attention inside non-overlapping ``G x G`` cells of
-       ``qkv(norm(x))``;
+       ``qkv(norm(x))`` (:func:`~mmhat.models.layers.window_attention`);
     2. ``g = grid_norm(x + local)`` (the residual is the raw input, as in the official code);
     3. global level: queries ``q(g)`` attend to keys/values ``kv(ds_norm(avgpool_r(g)))``;
     4. ``out = proj(global + g)``.
@@ -101,66 +88,20 @@ class HMHSA(nn.Module):
         fused = use_fused_attn(self.fused)
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W), channels [q | k | v], head-major
         if self.grid_size == 1:
-            q, k, v = heads_from_nchw(qkv, 3 * self.num_heads).chunk(3, dim=1)  # (B, h, N, d)
-            return self.proj(heads_to_nchw(attention(q, k, v, self.scale, fused=fused), hw))
+            q, k, v = split_heads_nchw(qkv, 3 * self.num_heads).chunk(3, dim=1)  # (B, h, N, d)
+            return self.proj(merge_heads_nchw(attention(q, k, v, self.scale, fused=fused), hw))
 
-        local = self.grid_attention(qkv, fused)  # (B, C, H, W)
+        # Pad q/k/v (after the norm: its statistics never see padding) to whole cells.
+        local = window_attention(qkv, self.grid_size, self.num_heads, self.scale,
+                                 pad_amounts(hw, self.grid_size), fused)  # (B, C, H, W)
         g = self.grid_norm(x + local)
-        q = heads_from_nchw(self.q(g), self.num_heads)  # (B, h, N, d)
+        q = split_heads_nchw(self.q(g), self.num_heads)  # (B, h, N, d)
         # ceil_mode: border windows average their valid pixels only (no padded keys).
         pooled = F.avg_pool2d(g, self.ds_ratio, self.ds_ratio, ceil_mode=True)
-        k, v = heads_from_nchw(self.kv(self.ds_norm(pooled)),
-                               2 * self.num_heads).chunk(2, dim=1)  # (B, h, N/r^2, d)
-        glb = heads_to_nchw(attention(q, k, v, self.scale, fused=fused), hw)  # (B, C, H, W)
+        k, v = split_heads_nchw(self.kv(self.ds_norm(pooled)),
+                                2 * self.num_heads).chunk(2, dim=1)  # (B, h, N/r^2, d)
+        glb = merge_heads_nchw(attention(q, k, v, self.scale, fused=fused), hw)  # (B, C, H, W)
         return self.proj(glb + g)
-
-    def grid_attention(self,
-                       qkv: torch.Tensor,
-                       fused: bool,
-                       padded_hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """Local level: attention inside ``G x G`` cells, padded keys masked.
-
-        Args:
-            qkv: ``(B, 3C, H, W)``.
-            fused: attention path.
-            padded_hw: size to pad to (multiples of G, at least H x W); default: the
-                smallest. Any choice gives the same result (tests use a larger one).
-
-        Returns:
-            ``(B, C, H, W)``.
-        """
-        B, C3, H, W = qkv.shape
-        G, h = self.grid_size, self.num_heads
-        if padded_hw is None:
-            pad_h, pad_w = pad_amounts((H, W), G)
-        else:
-            pad_h, pad_w = padded_hw[0] - H, padded_hw[1] - W
-        qkv = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
-        cells = window_partition(qkv, G)  # (B, nH, nW, G*G, 3C)
-        _, nH, nW, _, _ = cells.shape
-        cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
-        q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
-        mask = None
-        if pad_h or pad_w:
-            mask = self._valid_key_mask((H, W), (H + pad_h, W + pad_w), qkv.device)
-            mask = mask.repeat(B, 1, 1, 1)  # (B', 1, 1, G*G)
-        out = attention(q, k, v, self.scale, attn_mask=mask, fused=fused)  # (B', h, G*G, d)
-        out = out.transpose(1, 2).reshape(B, nH, nW, G * G, C3 // 3)  # (B, nH, nW, G*G, C)
-        return crop(window_reverse(out, G), (H, W))  # (B, C, H, W)
-
-    def _valid_key_mask(self, hw: Tuple[int, int], padded_hw: Tuple[int, int],
-                        device: torch.device) -> torch.Tensor:
-        """``(nH*nW, 1, 1, G*G)`` bool: True where a cell's key is a real pixel.
-
-        Cells made only of padding (possible only with a larger ``padded_hw``) attend to
-        everything; their outputs are cropped away, and this avoids NaN rows.
-        """
-        G = self.grid_size
-        valid = torch.zeros(1, 1, *padded_hw, dtype=torch.bool, device=device)
-        valid[..., :hw[0], :hw[1]] = True
-        cells = window_partition(valid, G).flatten(0, 2)  # (nH*nW, G*G, 1)
-        cells = cells.squeeze(-1) | ~cells.squeeze(-1).any(dim=1, keepdim=True)  # (nH*nW, G*G)
-        return cells[:, None, None, :]  # (nH*nW, 1, 1, G*G)
 
 
 class InvertedResidual(nn.Module):
@@ -205,15 +146,16 @@ class InvertedResidual(nn.Module):
 
 
 class HATBlock(nn.Module):
-    """``x + DropPath(HMHSA(x))``, then ``x + DropPath(InvertedResidual(x))``."""
+    """``x + DropPath(HATAttention(x))``, then ``x + DropPath(InvertedResidual(x))``."""
 
-    def __init__(self, attn: HMHSA, ffn: InvertedResidual, drop_path: float) -> None:
+    def __init__(self, attn: HATAttention, ffn: InvertedResidual, drop_path_rate: float) -> None:
         super().__init__()
         self.attn = attn
         self.ffn = ffn
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
         x = x + self.drop_path(self.attn(x))
         return x + self.drop_path(self.ffn(x))
 
@@ -221,7 +163,7 @@ class HATBlock(nn.Module):
 class ConvDownsample(nn.Module):
     """HAT-Net's downsampling between stages: 3x3 stride-2 conv, then norm."""
 
-    def __init__(self, in_dims: int, out_dims: int, norm_cfg: dict, act_cfg: dict) -> None:
+    def __init__(self, in_dims: int, out_dims: int, norm_cfg: dict) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_dims, out_dims, 3, stride=2, padding=1)
         self.norm = build_norm_layer(norm_cfg, out_dims)[1]
@@ -231,13 +173,20 @@ class ConvDownsample(nn.Module):
         return self.norm(self.conv(x))
 
 
-class HATStage(nn.Module):
-    """One stage: optional downsample, then its blocks."""
+class HATStage(PyramidStage):
+    """One stage on NCHW maps: the downsampling ``patch_embed`` (``Identity`` in stage 0),
+    then the blocks."""
 
-    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module]) -> None:
-        super().__init__()
-        self.downsample = downsample if downsample is not None else nn.Identity()
-        self.blocks = nn.ModuleList(blocks)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C, ceil(H/2), ceil(W/2))`` (stage 0: same size)."""
+        if self.training and torch.is_grad_enabled() and not x.requires_grad:
+            # After a frozen stem, stage 0's first GroupNorm gets an input that needs no
+            # gradient; PyTorch's CPU GroupNorm backward on channels-last maps then
+            # dereferences the missing input gradient and crashes (torch 2.13:
+            # `GroupNorm(1, C)(x_channels_last).sum().backward()`). Asking for it costs
+            # one norm's input gradient.
+            x = x.detach().requires_grad_()
+        return self.run_blocks(self.run(self.patch_embed, x))
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,14 +200,14 @@ class HATNet(PyramidBackbone):
     strides 4, 8, 16, 32 with ``out_channels = embed_dims[i]`` for ``i in out_indices``.
 
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'medium'``, ``'large'`` or a dict with the keys of
-            ``arch_zoo``.
-        drop_path_rate: stochastic depth, rising linearly over all blocks to this value.
-        norm_cfg: norm everywhere (default GroupNorm(1), eps 1e-6, as the paper).
-        act_cfg: activation of the stem and the inverted residuals (default SiLU).
+        arch: ``'tiny'``, ``'small'`` (default), ``'medium'``, ``'large'`` or a dict with the
+            keys of ``arch_zoo``.
         fused_attn: attention path (None: process default, see ``layers.attention``).
-        out_indices, frozen_stages, norm_eval, with_cp, pretrained, init_cfg: see
-            :class:`PyramidBackbone`.
+        **kwargs: the arguments of :class:`PyramidBackbone` (``out_indices``,
+            ``drop_path_rate``, ``frozen_stages``, ``norm_eval``, ``with_cp``,
+            ``channels_last``, ``init_cfg``, ...). ``norm_cfg`` is the norm everywhere (default
+            GroupNorm(1), eps 1e-6, as the paper), ``act_cfg`` the activation of the stem and
+            the inverted residuals (default SiLU).
 
     Input: ``(B, 3, H, W)``, any ``H, W >= 32``. Output: tuple of ``(B, C_i, H_i, W_i)``
     with ``H_1 = ceil(H / 4)`` and ``H_{i+1} = ceil(H_i / 2)``.
@@ -270,65 +219,45 @@ class HATNet(PyramidBackbone):
         'medium': dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8),  mlp_ratios=(8, 8, 4, 4), grid_sizes=(8, 7, 7, 1), ds_ratios=(8, 4, 2, 1), depths=(3, 6, 18, 3), kernel_sizes=(5, 3, 5, 3), stem_channels=16),  # noqa: E501
         'large':  dict(embed_dims=(64, 128, 320, 640), num_heads=(1, 2, 5, 10), mlp_ratios=(8, 8, 4, 4), grid_sizes=(8, 7, 7, 1), ds_ratios=(8, 4, 2, 1), depths=(3, 8, 27, 3), kernel_sizes=(3, 3, 3, 3), stem_channels=16),  # noqa: E501
     }
+    smallest_arch, base_size_arch = 'tiny', 'medium'
+    fused_attention = True
+    internal_padding = True
     default_norm_cfg = dict(type='GN', num_groups=1, eps=1e-6)
-    downsample_cls = ConvDownsample
+    default_act_cfg = dict(type='SiLU')
+    reference_name = 'hatnet'
     #: where the inverted residual normalises (see :class:`InvertedResidual`)
     ffn_pre_norm, ffn_inner_norms = True, False
 
-    def __init__(self,
-                 arch: Union[str, dict] = 'small',
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 drop_path_rate: float = 0.0,
-                 norm_cfg: Optional[dict] = None,
-                 act_cfg: dict = dict(type='SiLU'),
-                 fused_attn: Optional[bool] = None,
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 with_cp: bool = False,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
-        super().__init__(arch, out_indices, frozen_stages, norm_eval, with_cp, pretrained,
-                         init_cfg)
-        s = self.arch_settings
-        norm_cfg = dict(norm_cfg if norm_cfg is not None else self.default_norm_cfg)
-        dims = s['embed_dims']
-        self.out_channels = [dims[i] for i in self.out_indices]
+    def __init__(self, arch: Union[str, dict, None] = None, *, fused_attn: Optional[bool] = None,
+                 **kwargs) -> None:
+        self.fused_attn = fused_attn
+        super().__init__(arch, **kwargs)
 
-        self.stem = nn.Sequential()
-        self.stem.add_module('conv1', nn.Conv2d(3, s['stem_channels'], 3, stride=2, padding=1))
-        self.stem.add_module('norm1', build_norm_layer(norm_cfg, s['stem_channels'])[1])
-        self.stem.add_module('act', build_activation_layer(act_cfg))
-        self.stem.add_module('conv2', nn.Conv2d(s['stem_channels'], dims[0], 3, stride=2,
-                                                padding=1))
+    def build_stem(self) -> nn.Module:
+        """Two 3x3 stride-2 convs (norm and act between them): stride 4, ``embed_dims[0]``."""
+        mid, out = self.arch_settings['stem_channels'], self.arch_settings['embed_dims'][0]
+        return nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(self.in_channels, mid, 3, stride=2, padding=1),
+            norm1=build_norm_layer(self.norm_cfg, mid)[1],
+            act=build_activation_layer(self.act_cfg),
+            conv2=nn.Conv2d(mid, out, 3, stride=2, padding=1)))
 
-        rates = torch.linspace(0, drop_path_rate, sum(s['depths'])).tolist()
-        self.stages = nn.ModuleList()
-        for i in range(self.num_stages):
-            blocks = []
-            for _ in range(s['depths'][i]):
-                attn = HMHSA(dims[i], s['num_heads'][i], s['grid_sizes'][i], s['ds_ratios'][i],
-                             norm_cfg, fused_attn)
-                ffn = InvertedResidual(dims[i], s['mlp_ratios'][i], s['kernel_sizes'][i],
-                                       norm_cfg, act_cfg, self.ffn_pre_norm,
-                                       self.ffn_inner_norms)
-                blocks.append(HATBlock(attn, ffn, rates.pop(0)))
-            downsample = (self.downsample_cls(dims[i - 1], dims[i], norm_cfg, act_cfg)
-                          if i > 0 else None)
-            self.stages.append(HATStage(downsample, blocks))
-        self.use_channels_last()
+    def build_downsample(self, in_dims: int, out_dims: int) -> nn.Module:
+        """The entry of stages 1..: stride 2, ``in_dims -> out_dims``."""
+        return ConvDownsample(in_dims, out_dims, self.norm_cfg)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``."""
-        self.check_input(x)
-        x = self.run_block(self.stem, x)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = self.run_block(stage.downsample, x)
-            for block in stage.blocks:
-                x = self.run_block(block, x)
-            if i in self.out_indices:
-                outs.append(self.output_map(x))
-        return tuple(outs)
+    def build_stage(self, i: int, drop_path_rates: List[float]) -> HATStage:
+        s, dims = self.arch_settings, self.arch_settings['embed_dims']
+        blocks = [
+            HATBlock(
+                HATAttention(dims[i], s['num_heads'][i], s['grid_sizes'][i], s['ds_ratios'][i],
+                             self.norm_cfg, self.fused_attn),
+                InvertedResidual(dims[i], s['mlp_ratios'][i], s['kernel_sizes'][i],
+                                 self.norm_cfg, self.act_cfg, self.ffn_pre_norm,
+                                 self.ffn_inner_norms), rate) for rate in drop_path_rates
+        ]
+        entry = self.build_downsample(dims[i - 1], dims[i]) if i > 0 else nn.Identity()
+        return HATStage(entry, blocks)
 
     def init_default_weights(self) -> None:
         """Official init: truncated normal (std 0.02) conv/linear weights, zero biases."""
@@ -343,7 +272,7 @@ class HATNet(PyramidBackbone):
         (r'^patch_embed\.0\.', 'stem.conv1.'),
         (r'^patch_embed\.1\.', 'stem.norm1.'),
         (r'^patch_embed\.3\.', 'stem.conv2.'),
-        (r'^ds(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.downsample.'),
+        (r'^ds(\d)\.', lambda m: f'stages.{int(m[1]) - 1}.patch_embed.'),
         (r'^blocks\.(\d+)\.(\d+)\.', r'stages.\1.blocks.\2.'),
         (r'\.conv\.conv1\.0\.', '.ffn.pre_norm.'),
         (r'\.conv\.conv1\.1\.', '.ffn.expand.'),
@@ -355,3 +284,5 @@ class HATNet(PyramidBackbone):
         (r'^classifier\.', 'classification head'),
         (r'\.attn\.proj_norm\.', 'never used by the official forward'),
     ]
+    # mmhat 0.1 called the stage entry `downsample`.
+    legacy_rename_rules = [(r'^stages\.(\d+)\.downsample\.', r'stages.\1.patch_embed.')]

@@ -16,18 +16,17 @@ the bottom/right by less than one window, so every token takes part and stage ``
 the official ones.
 """
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from mmcv.cnn import ConvModule, build_activation_layer, build_norm_layer
-from mmcv.cnn.bricks import DropPath
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (attention, nchw_to_nlc, nlc_to_nchw, pad_amounts, pad_bottom_right,
-                      use_fused_attn)
-from .base import PyramidBackbone
+from ..layers import (attention, drop_path, merge_heads, nchw_to_nlc, nlc_to_nchw, pad_amounts,
+                      pad_bottom_right, split_heads, use_fused_attn)
+from .base import PyramidBackbone, PyramidStage
 
 # The official LayerNorm eps values: ``partial(nn.LayerNorm, eps=1e-6)`` for the block and
 # stage-output norms, PyTorch's default 1e-5 for the patch embeddings and the key/value
@@ -37,20 +36,8 @@ EMBED_NORM_CFG = dict(type='LN', eps=1e-5)
 
 
 # ---------------------------------------------------------------------------------------
-# Layout helpers (tokens)
+# Helpers
 # ---------------------------------------------------------------------------------------
-def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, N, h*d)`` (channel = head*d + j) -> ``(B, h, N, d)``."""
-    B, N, C = x.shape
-    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)  # (B, h, N, d)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """``(B, h, N, d)`` -> ``(B, N, h*d)``, the inverse of :func:`split_heads`."""
-    B, h, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, h * d)  # (B, N, C)
-
-
 def ceil_padding(size: int, kernel_size: int, stride: int, padding: int) -> int:
     """Extra bottom/right zeros for a conv to output ``ceil(size / stride)`` positions.
 
@@ -66,7 +53,7 @@ def ceil_padding(size: int, kernel_size: int, stride: int, padding: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Blocks
 # ---------------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
+class ConvPatchEmbed(nn.Module):
     """Strided conv, then tokens and LayerNorm (paper Sec. 3.3 "patch embedding").
 
     Stage 0 uses a 2x2 stride-2 conv after the stem, stages 1.. a 3x3 stride-2 conv with
@@ -253,29 +240,35 @@ class ShuntedBlock(nn.Module):
     """
 
     def __init__(self, embed_dims: int, num_heads: int, sr_ratio: int, mlp_ratio: int,
-                 drop_path: float, act_cfg: dict, fused: Optional[bool] = None) -> None:
+                 drop_path_rate: float, act_cfg: dict, fused: Optional[bool] = None) -> None:
         super().__init__()
         self.norm1 = build_norm_layer(BLOCK_NORM_CFG, embed_dims)[1]
         self.attn = ShuntedAttention(embed_dims, num_heads, sr_ratio, act_cfg, fused)
         self.norm2 = build_norm_layer(BLOCK_NORM_CFG, embed_dims)[1]
-        self.mlp = ConvFFN(embed_dims, mlp_ratio, act_cfg)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.ffn = ConvFFN(embed_dims, mlp_ratio, act_cfg)
+        self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """``(B, H*W, C)`` -> ``(B, H*W, C)``."""
         x = x + self.drop_path(self.attn(self.norm1(x), hw))
-        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+        return x + self.drop_path(self.ffn(self.norm2(x), hw))
 
 
-class ShuntedStage(nn.Module):
-    """One stage: patch embedding, blocks, output LayerNorm (eps 1e-6)."""
+class ShuntedStage(PyramidStage):
+    """One stage: patch embedding (to tokens), blocks, output LayerNorm (eps 1e-6), back to
+    a map."""
 
-    def __init__(self, patch_embed: PatchEmbed, blocks: Sequence[ShuntedBlock],
+    def __init__(self, patch_embed: ConvPatchEmbed, blocks: List[ShuntedBlock],
                  embed_dims: int) -> None:
-        super().__init__()
-        self.patch_embed = patch_embed
-        self.blocks = nn.ModuleList(blocks)
+        super().__init__(patch_embed, blocks)
         self.norm = build_norm_layer(BLOCK_NORM_CFG, embed_dims)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C, ceil(H/s), ceil(W/s))``, ``s`` the entry's stride."""
+        tokens, hw = self.run(self.patch_embed, x)  # (B, H_i*W_i, C_i)
+        tokens = self.run_blocks(tokens, hw)
+        # a channels-last view: the next stage's conv takes it as it is
+        return nlc_to_nchw(self.norm(tokens), hw)  # (B, C_i, H_i, W_i)
 
 
 # ---------------------------------------------------------------------------------------
@@ -302,7 +295,7 @@ class ShuntedTransformer(PyramidBackbone):
     * Elsewhere the official model floors in its 2x2 stem conv and its token-reducing convs,
       silently dropping trailing rows/columns from the keys and values. Here each of those
       convs pads its input with zeros at the bottom/right by less than one window
-      (:class:`PatchEmbed`, :class:`KeyValueBranch`): every token takes part, stage ``i`` has
+      (:class:`ConvPatchEmbed`, :class:`KeyValueBranch`): every token takes part, stage ``i`` has
       ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))`` tokens, and the image is never padded, so
       no compute is spent on padding. Because the padding is less than a window, no key is
       made of padding only (nothing needs masking).
@@ -313,15 +306,14 @@ class ShuntedTransformer(PyramidBackbone):
       reduction windows mix padded and valid content, so no masking can make it exact.
 
     Args:
-        arch: ``'tiny'``, ``'small'``, ``'base'`` or a dict with the keys of ``arch_zoo``.
-        drop_path_rate: stochastic depth, rising linearly over all blocks to this value (the
-            official ImageNet training used 0.1 / 0.2 / 0.3 for T / S / B).
-        norm_cfg: norm of the convolutional stem (default BN; configs for multi-GPU
-            training use SyncBN). The token norms are LayerNorms as in the paper.
-        act_cfg: activation of the attention branches and FFNs (default GELU).
+        arch: ``'tiny'``, ``'small'`` (default), ``'base'`` or a dict with the keys of
+            ``arch_zoo``.
         fused_attn: attention path (None: process default, see ``layers.attention``).
-        out_indices, frozen_stages, norm_eval, with_cp, pretrained, init_cfg: see
-            :class:`PyramidBackbone`.
+        **kwargs: the arguments of :class:`PyramidBackbone`. ``norm_cfg`` is the norm of the
+            convolutional stem (default BN; configs for multi-GPU training use SyncBN; the
+            token norms are LayerNorms as in the paper), ``act_cfg`` the activation of the
+            attention branches and FFNs (default GELU). The official ImageNet training used
+            ``drop_path_rate`` 0.1 / 0.2 / 0.3 for T / S / B.
 
     Input: ``(B, 3, H, W)``, ``H, W >= 32``. Output: tuple of ``(B, C_i, H_i, W_i)`` with
     ``H_i = ceil(H / 2**(i+2))``.
@@ -333,60 +325,38 @@ class ShuntedTransformer(PyramidBackbone):
         'base':  dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), depths=(3, 4, 24, 2), num_conv=2),  # noqa: E501
     }
 
-    def __init__(self,
-                 arch: Union[str, dict] = 'small',
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 drop_path_rate: float = 0.0,
-                 norm_cfg: dict = dict(type='BN'),
-                 act_cfg: dict = dict(type='GELU'),
-                 fused_attn: Optional[bool] = None,
-                 frozen_stages: int = -1,
-                 norm_eval: bool = False,
-                 with_cp: bool = False,
-                 pretrained: Optional[str] = None,
-                 init_cfg: Optional[Union[dict, list]] = None) -> None:
-        super().__init__(arch, out_indices, frozen_stages, norm_eval, with_cp, pretrained,
-                         init_cfg)
-        s = self.arch_settings
-        dims = s['embed_dims']
-        self.out_channels = [dims[i] for i in self.out_indices]
+    base_size_arch = 'base'
+    fused_attention = True
+    internal_padding = True
+    reference_name = 'shunted'
 
-        stem: List[nn.Module] = [
-            ConvModule(self.in_channels, dims[0], 7, stride=2, padding=3, bias=False,
-                       norm_cfg=norm_cfg, act_cfg=dict(type='ReLU'))
+    def __init__(self, arch: Union[str, dict, None] = None, *, fused_attn: Optional[bool] = None,
+                 **kwargs) -> None:
+        self.fused_attn = fused_attn
+        super().__init__(arch, **kwargs)
+
+    def build_stem(self) -> nn.Module:
+        """7x7/2 conv, norm, ReLU, then ``num_conv`` x (3x3 conv, norm, ReLU), stride 2 (the
+        official stem's last 2x2/2 conv is ``stages[0].patch_embed``)."""
+        dims = self.arch_settings['embed_dims'][0]
+        relu = dict(type='ReLU')  # the official stem's, whatever act_cfg says
+        stem = [ConvModule(self.in_channels, dims, 7, stride=2, padding=3, bias=False,
+                           norm_cfg=self.norm_cfg, act_cfg=relu)]
+        stem += [ConvModule(dims, dims, 3, padding=1, bias=False, norm_cfg=self.norm_cfg,
+                            act_cfg=relu) for _ in range(self.arch_settings['num_conv'])]
+        return nn.Sequential(*stem)
+
+    def build_stage(self, i: int, drop_path_rates: List[float]) -> ShuntedStage:
+        s, dims = self.arch_settings, self.arch_settings['embed_dims']
+        if i == 0:  # the stem's 2x2 patch merge completes stride 4
+            patch_embed = ConvPatchEmbed(dims[0], dims[0], kernel_size=2, stride=2)
+        else:
+            patch_embed = ConvPatchEmbed(dims[i - 1], dims[i], kernel_size=3, stride=2)
+        blocks = [
+            ShuntedBlock(dims[i], s['num_heads'][i], s['sr_ratios'][i], s['mlp_ratios'][i], rate,
+                         self.act_cfg, self.fused_attn) for rate in drop_path_rates
         ]
-        stem += [ConvModule(dims[0], dims[0], 3, padding=1, bias=False, norm_cfg=norm_cfg,
-                            act_cfg=dict(type='ReLU')) for _ in range(s['num_conv'])]
-        self.stem = nn.Sequential(*stem)
-
-        rates = torch.linspace(0, drop_path_rate, sum(s['depths'])).tolist()
-        self.stages = nn.ModuleList()
-        for i in range(self.num_stages):
-            if i == 0:  # the stem's 2x2 patch merge completes stride 4
-                patch_embed = PatchEmbed(dims[0], dims[0], kernel_size=2, stride=2)
-            else:
-                patch_embed = PatchEmbed(dims[i - 1], dims[i], kernel_size=3, stride=2)
-            blocks = [
-                ShuntedBlock(dims[i], s['num_heads'][i], s['sr_ratios'][i], s['mlp_ratios'][i],
-                             rates.pop(0), act_cfg, fused_attn) for _ in range(s['depths'][i])
-            ]
-            self.stages.append(ShuntedStage(patch_embed, blocks, dims[i]))
-        self.use_channels_last()
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """``(B, 3, H, W)`` -> tuple of NCHW maps at strides 4/8/16/32 for ``out_indices``."""
-        self.check_input(x)
-        x = self.run_block(self.stem, x)  # (B, C0, ceil(H/2), ceil(W/2))
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x, hw = self.run_block(stage.patch_embed, x)  # (B, H_i*W_i, C_i)
-            for block in stage.blocks:
-                x = self.run_block(block, x, hw)
-            # a channels-last view: the next stage's conv takes it as it is
-            x = nlc_to_nchw(stage.norm(x), hw)  # (B, C_i, H_i, W_i)
-            if i in self.out_indices:
-                outs.append(self.output_map(x))
-        return tuple(outs)
+        return ShuntedStage(patch_embed, blocks, dims[i])
 
     def init_default_weights(self) -> None:
         """Official init: truncated normal (std 0.02) linear weights; conv weights normal
@@ -419,9 +389,12 @@ class ShuntedTransformer(PyramidBackbone):
         (r'\.attn\.norm(\d)\.', lambda m: f'.attn.branches.{int(m[1]) - 1}.norm.'),
         (r'\.attn\.kv(\d)\.', lambda m: f'.attn.branches.{int(m[1]) - 1}.kv.'),
         (r'\.attn\.local_conv(\d)\.', lambda m: f'.attn.branches.{int(m[1]) - 1}.local_conv.'),
-        (r'\.mlp\.dwconv\.dwconv\.', '.mlp.dwconv.'),
+        (r'\.mlp\.dwconv\.dwconv\.', '.ffn.dwconv.'),
+        (r'\.mlp\.', '.ffn.'),
     ]
     official_drop_rules = [(r'^head\.', 'classification head')]
+    # mmhat 0.1 called the FFN `mlp`, as the official code.
+    legacy_rename_rules = [(r'\.mlp\.', '.ffn.')]
 
     @classmethod
     def official_rules(cls, state_dict: Dict[str, torch.Tensor]) -> List[Tuple]:

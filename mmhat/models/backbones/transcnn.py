@@ -8,7 +8,7 @@ checkpoints ``TransCNN-{Tiny,Small,Medium,Large}.pth`` (GitHub release ``v1``, 2
 TransCNN is HAT-Net's code with three differences, and this file holds only those:
 BatchNorm instead of GroupNorm(1); the two-branch downsampling block (TDB); and a
 MobileNetV2-style inverted residual (a norm after every conv, no pre-norm). The H-MHSA,
-block, stage, backbone skeleton and any-size padding are :mod:`.hatnet`'s.
+block, stage and any-size padding are :mod:`.hatnet`'s.
 """
 import torch
 from mmcv.cnn import build_activation_layer, build_norm_layer
@@ -46,7 +46,7 @@ class TransCNN(HATNet):
 
     ``norm_cfg`` defaults to BatchNorm (eps 1e-5); configs for multi-GPU training set
     ``dict(type='SyncBN')``. With BatchNorm, ``norm_eval=True`` keeps the ImageNet
-    statistics frozen during fine-tuning.
+    statistics frozen during fine-tuning. The official checkpoints are trained at 256x256.
     """
     arch_zoo = {
         'tiny':   dict(embed_dims=(64, 128, 256, 512), num_heads=(1, 2, 4, 8),  mlp_ratios=(4, 4, 4, 4), grid_sizes=(8, 8, 8, 1), ds_ratios=(8, 4, 2, 1), depths=(2, 2, 4, 2),  kernel_sizes=(5, 3, 5, 3), stem_channels=16),  # noqa: E501
@@ -54,9 +54,14 @@ class TransCNN(HATNet):
         'medium': dict(embed_dims=(64, 128, 320, 640), num_heads=(1, 2, 5, 10), mlp_ratios=(4, 4, 6, 6), grid_sizes=(8, 8, 8, 1), ds_ratios=(8, 4, 2, 1), depths=(3, 4, 12, 3), kernel_sizes=(5, 3, 5, 3), stem_channels=16),  # noqa: E501
         'large':  dict(embed_dims=(64, 128, 384, 768), num_heads=(1, 2, 6, 12), mlp_ratios=(4, 4, 6, 6), grid_sizes=(8, 8, 8, 1), ds_ratios=(8, 4, 2, 1), depths=(3, 4, 16, 3), kernel_sizes=(5, 3, 5, 3), stem_channels=16),  # noqa: E501
     }
+    pretrain_size = 256
     default_norm_cfg = dict(type='BN')
-    downsample_cls = TwoBranchDownsample
+    reference_name = 'transcnn'
     ffn_pre_norm, ffn_inner_norms = False, True
+
+    def build_downsample(self, in_dims: int, out_dims: int) -> nn.Module:
+        """The two-branch downsampling block (TDB)."""
+        return TwoBranchDownsample(in_dims, out_dims, self.norm_cfg, self.act_cfg)
 
     # Official TransCNN.py key -> mmhat key; the TDB keeps its official names.
     official_rename_rules = HATNet.official_rename_rules[:5] + [

@@ -1,9 +1,14 @@
-"""Family-agnostic building blocks: the attention kernel and layout helpers."""
-from .attention import attention, set_fused_attn, use_fused_attn
-from .layout import (crop, nchw_to_nlc, nlc_to_nchw, pad_amounts, pad_bottom_right,
+"""Family-agnostic building blocks: the attention kernel, layout helpers, drop path."""
+from .attention import (AttentionCall, attention, record_attention_calls, set_fused_attn,
+                        use_fused_attn, window_attention)
+from .drop import drop_path
+from .layout import (crop, merge_heads, merge_heads_nchw, nchw_to_nlc, nlc_to_nchw,
+                     pad_amounts, pad_bottom_right, split_heads, split_heads_nchw,
                      window_partition, window_reverse)
 
 __all__ = [
-    'attention', 'set_fused_attn', 'use_fused_attn', 'crop', 'nchw_to_nlc', 'nlc_to_nchw',
-    'pad_amounts', 'pad_bottom_right', 'window_partition', 'window_reverse'
+    'AttentionCall', 'attention', 'record_attention_calls', 'set_fused_attn', 'use_fused_attn',
+    'window_attention', 'drop_path', 'crop', 'merge_heads', 'merge_heads_nchw', 'nchw_to_nlc',
+    'nlc_to_nchw', 'pad_amounts', 'pad_bottom_right', 'split_heads', 'split_heads_nchw',
+    'window_partition', 'window_reverse'
 ]

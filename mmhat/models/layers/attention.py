@@ -1,24 +1,30 @@
-"""The softmax attention kernel shared by every family.
+"""The softmax attention kernel shared by the families, and attention inside windows.
 
 Two paths compute the same thing, ``softmax(q k^T * scale + mask) v``:
 
 * fused: :func:`torch.nn.functional.scaled_dot_product_attention`, which never
-  materialises the (N_q, N_k) matrix on the memory-efficient / flash backends;
+  materialises the (N_q, N_k) matrix on its flash / memory-efficient backends;
 * explicit: the textbook matmul-softmax-matmul, kept as the readable reference and as
   the fallback where SDPA is unavailable.
 
 The scale is always passed explicitly, so both paths agree whatever the head width.
 Which path runs is chosen per module (``fused=True/False``) with a process-wide default
 (:func:`set_fused_attn`, or the environment variable ``MMHAT_FUSED_ATTN=0``), as timm's
-``fused_attn`` does.
+``fused_attn`` does. :func:`record_attention_calls` lists the calls a forward makes (shapes,
+strides, dtypes, mask), which is how ``mmhat.utils.sdpa`` predicts the CUDA kernel of each.
 """
+import contextlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .layout import crop, pad_bottom_right, window_partition, window_reverse
+
 _FUSED_DEFAULT = os.environ.get('MMHAT_FUSED_ATTN', '1') not in ('0', 'false', 'False')
+_RECORDERS: List[Callable[['AttentionCall'], None]] = []
 
 
 def set_fused_attn(enable: bool) -> None:
@@ -30,6 +36,44 @@ def set_fused_attn(enable: bool) -> None:
 def use_fused_attn(fused: Optional[bool] = None) -> bool:
     """Resolve a module's ``fused`` argument against the process-wide default."""
     return _FUSED_DEFAULT if fused is None else bool(fused)
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of :func:`attention`, as the kernel saw its operands (after the fused path
+    made them unit-stride)."""
+    q_shape: Tuple[int, ...]
+    k_shape: Tuple[int, ...]
+    v_shape: Tuple[int, ...]
+    q_stride: Tuple[int, ...]
+    k_stride: Tuple[int, ...]
+    v_stride: Tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    mask_shape: Optional[Tuple[int, ...]]
+    mask_stride: Optional[Tuple[int, ...]]
+    mask_dtype: Optional[torch.dtype]
+    fused: bool
+    scale: float
+
+    @classmethod
+    def of(cls, q, k, v, attn_mask, fused: bool, scale: float) -> 'AttentionCall':
+        return cls(tuple(q.shape), tuple(k.shape), tuple(v.shape), q.stride(), k.stride(),
+                   v.stride(), q.dtype, q.device.type,
+                   None if attn_mask is None else tuple(attn_mask.shape),
+                   None if attn_mask is None else attn_mask.stride(),
+                   None if attn_mask is None else attn_mask.dtype, fused, scale)
+
+
+@contextlib.contextmanager
+def record_attention_calls() -> Iterator[List[AttentionCall]]:
+    """Inside the block, every :func:`attention` call is appended to the yielded list."""
+    calls: List[AttentionCall] = []
+    _RECORDERS.append(calls.append)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls.append)
 
 
 def attention(q: torch.Tensor,
@@ -55,13 +99,73 @@ def attention(q: torch.Tensor,
     if fused:
         # The CPU flash kernel needs unit stride along d; with any other layout SDPA
         # silently falls back to its math backend, which materialises the (N_q, N_k)
-        # matrix (4.5x slower for HAT-Net's global level at 800x1216). One copy of
-        # q/k/v is far cheaper than that.
+        # matrix. One copy of q/k/v is far cheaper than that.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if _RECORDERS:
+        call = AttentionCall.of(q, k, v, attn_mask, fused, scale)
+        for record in _RECORDERS:
+            record(call)
+    if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    # Scale the logits, not q: the official TransCNN does, and its stand-in reference is
-    # ill-conditioned enough in stages 3-4 that only the same operation order reproduces it.
+    # Scale the logits, not q: the official models do, and only the same operation order
+    # reproduces them to float rounding.
     logits = (q @ k.transpose(-2, -1)) * scale  # (..., N_q, N_k)
     if attn_mask is not None:
         logits = logits.masked_fill(~attn_mask, float('-inf'))
     return logits.softmax(dim=-1) @ v  # (..., N_q, d_v)
+
+
+def window_attention(qkv: torch.Tensor,
+                     window: int,
+                     num_heads: int,
+                     scale: float,
+                     pad: Tuple[int, int],
+                     fused: bool = True) -> torch.Tensor:
+    """Multi-head attention inside non-overlapping ``window x window`` cells of a map.
+
+    The map is zero-padded at the bottom/right by ``pad`` rows/columns (the caller gives at
+    least :func:`~mmhat.models.layers.pad_amounts` of the window, so that the sides divide
+    it), padded keys are masked out of every cell's attention, and the result is cropped
+    back. With any larger padding the valid outputs are the same: padded keys get no weight,
+    and cells of padding only are cropped away.
+
+    Args:
+        qkv: ``(B, 3 * h * d, H, W)``, channels ``[q | k | v]``, each head-major.
+        window: cell side G.
+        num_heads: heads h.
+        scale: logit multiplier.
+        pad: ``(pad_h, pad_w)`` zero rows/columns added at the bottom/right.
+        fused: attention path of :func:`attention`.
+
+    Returns:
+        ``(B, h * d, H, W)``.
+    """
+    B, C3, H, W = qkv.shape
+    G, h = window, num_heads
+    pad_h, pad_w = pad
+    padded = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
+    cells = window_partition(padded, G)  # (B, nH, nW, G*G, 3C)
+    _, nH, nW, _, _ = cells.shape
+    cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
+    q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
+    mask = None
+    if pad_h or pad_w:
+        mask = _valid_key_mask((H, W), padded.shape[-2:], G, qkv.device)  # (nH*nW, 1, 1, G*G)
+        mask = mask.repeat(B, 1, 1, 1)  # (B', 1, 1, G*G)
+    out = attention(q, k, v, scale, attn_mask=mask, fused=fused)  # (B', h, G*G, d)
+    out = out.transpose(1, 2).reshape(B, nH, nW, G * G, C3 // 3)  # (B, nH, nW, G*G, C)
+    return crop(window_reverse(out, G), (H, W))  # (B, C, H, W)
+
+
+def _valid_key_mask(hw: Tuple[int, int], padded_hw: Tuple[int, int], window: int,
+                    device: torch.device) -> torch.Tensor:
+    """``(nH*nW, 1, 1, G*G)`` bool: True where a cell's key is a real pixel.
+
+    Cells made only of padding (only with more than the minimal padding) attend to
+    everything: their outputs are cropped away, and this avoids NaN rows.
+    """
+    valid = torch.zeros(1, 1, *padded_hw, dtype=torch.bool, device=device)
+    valid[..., :hw[0], :hw[1]] = True
+    cells = window_partition(valid, window).flatten(0, 2).squeeze(-1)  # (nH*nW, G*G)
+    cells = cells | ~cells.any(dim=1, keepdim=True)  # (nH*nW, G*G)
+    return cells[:, None, None, :]  # (nH*nW, 1, 1, G*G)

@@ -67,3 +67,29 @@ def window_reverse(cells: torch.Tensor, window: int) -> torch.Tensor:
     x = cells.view(B, nH, nW, window, window, C)  # (B, nH, nW, gy, gx, C)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, nH, gy, nW, gx)
     return x.reshape(B, C, nH * window, nW * window)  # (B, C, H, W)
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Tokens to heads: ``(B, N, h*d)`` (channel ``head * d + j``) -> ``(B, h, N, d)``."""
+    B, N, C = x.shape
+    return x.view(B, N, num_heads, C // num_heads).transpose(1, 2)  # (B, h, N, d)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """Heads to tokens, the inverse of :func:`split_heads`: ``(B, h, N, d)`` -> ``(B, N, h*d)``."""
+    B, h, N, d = x.shape
+    return x.transpose(1, 2).reshape(B, N, h * d)  # (B, N, C)
+
+
+def split_heads_nchw(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """A map to heads: ``(B, h*d, H, W)`` (channel ``head * d + j``) -> ``(B, h, H*W, d)``."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, num_heads, C // num_heads, H * W)  # (B, h, d, N)
+    return x.transpose(-2, -1)  # (B, h, N, d)
+
+
+def merge_heads_nchw(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """Heads to a map, the inverse of :func:`split_heads_nchw`: ``(B, h, H*W, d)`` ->
+    ``(B, h*d, H, W)``."""
+    B, h, N, d = x.shape
+    return x.transpose(-2, -1).reshape(B, h * d, *hw)  # (B, C, H, W)
