@@ -1,4 +1,5 @@
-"""tools/benchmark.py --quick: the outputs exist and have the promised structure.
+"""tools/benchmark.py (a command line over mmhat.utils.benchmark): the --quick run writes the
+promised outputs, rows are planned, paired and reported as documented.
 
 No timing is asserted (these machines are shared; absolute times mean nothing here), only
 that every number the report promises is there, finite and positive.
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-TOOL = Path(__file__).resolve().parents[1] / 'tools' / 'benchmark.py'
+from mmhat.utils import benchmark as B
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / 'tools' / 'benchmark.py'
 
 
 def load_tool():
@@ -91,28 +95,36 @@ def test_json_has_every_raw_number(quick_run):
 
 
 def test_size_parsing_and_model_resolution():
-    tool = load_tool()
-    assert tool.parse_size('224') == (224, 224)
-    assert tool.parse_size('800x1333') == (800, 1333)  # height first
+    assert B.parse_size('224') == (224, 224)
+    assert B.parse_size('800x1333') == (800, 1333)  # height first
     with pytest.raises(Exception):
-        tool.parse_size('800x')
-    shunted = tool.resolve_model('mmhat.ShuntedTransformer:small')
-    assert shunted['label'] == 'ShuntedTransformer-small' and shunted['switchable_attn']
-    gmf = tool.resolve_model('mmhat.GroupMixFormer')  # smallest row by default
-    assert gmf['arch'] == 'mini' and not gmf['switchable_attn'] and gmf['supports_cp']
+        B.parse_size('800x')
+    shunted = B.resolve_model('mmhat.ShuntedTransformer:small')
+    assert shunted.label == 'ShuntedTransformer-small' and shunted.switchable_attn
+    gmf = B.resolve_model('mmhat.GroupMixFormer')  # the family's smallest_arch by default
+    assert gmf.arch == 'mini' and not gmf.switchable_attn and gmf.supports_cp
     # TransCNN's attention is HAT-Net's module: it has both paths too.
-    assert tool.resolve_model('mmhat.TransCNN')['switchable_attn']
-    pvt = tool.resolve_model('pvtv2-b2')  # mmdet's PVTv2 has no with_cp
-    assert pvt['label'] == 'PVTv2-B2' and not pvt['supports_cp'] and not pvt['switchable_attn']
-    assert tool.resolve_model('r50')['supports_cp']
-    root = TOOL.parents[1]
-    cfg = tool.resolve_model(str(root / 'configs/det/maskrcnn_shunted_s_coco.py'))
-    assert cfg['label'] == 'maskrcnn_shunted_s_coco' and cfg['arch'] == 'small'
-    assert cfg['type'] == 'mmhat.ShuntedTransformer' and cfg['switchable_attn']
-    assert 'init_cfg' not in cfg['cfg'] and cfg['cfg']['norm_cfg']['type'] == 'BN'
-    assert cfg['cfg']['drop_path_rate'] == 0.1
-    with pytest.raises(SystemExit, match='not found'):
-        tool.resolve_model('configs/det/no_such_config.py')
+    assert B.resolve_model('mmhat.TransCNN').switchable_attn
+    pvt = B.resolve_model('pvtv2-b2')  # mmdet's PVTv2 has no with_cp
+    assert pvt.label == 'PVTv2-B2' and not pvt.supports_cp and not pvt.switchable_attn
+    assert B.resolve_model('r50').supports_cp and B.resolve_model('r50').source == 'mmdet'
+    cfg = B.resolve_model(str(ROOT / 'configs/det/maskrcnn_shunted_s_coco.py'))
+    assert cfg.label == 'maskrcnn_shunted_s_coco' and cfg.arch == 'small'
+    assert cfg.type == 'mmhat.ShuntedTransformer' and cfg.switchable_attn
+    assert 'init_cfg' not in cfg.cfg and cfg.cfg['norm_cfg']['type'] == 'BN'
+    assert cfg.cfg['drop_path_rate'] == 0.1
+    with pytest.raises(ValueError, match='not found'):
+        B.resolve_model('configs/det/no_such_config.py')
+    with pytest.raises(ValueError, match="unknown arch 'huge'"):
+        B.resolve_model('mmhat.HATNet:huge')
+
+
+def result(spec, **kw):
+    row = B.Row(model=spec, size=(64, 96), **{k: v for k, v in kw.items()
+                                               if k in ('mode', 'attn', 'layout', 'compile',
+                                                        'with_cp')})
+    return B.Result.of(row, **{k: v for k, v in kw.items()
+                               if k in ('latency_s', 'peak_mem_mb', 'compile_s')})
 
 
 def test_compile_rows_are_planned_paired_and_reported():
@@ -123,27 +135,23 @@ def test_compile_rows_are_planned_paired_and_reported():
     args = tool.build_parser().parse_args(
         ['mmhat.GroupMixFormer', '--peers', 'none', '--modes', 'infer', '--infer-sizes',
          '64x96', '--compile', 'both'])
-    model = tool.resolve_model('mmhat.GroupMixFormer')
+    model = B.resolve_model('mmhat.GroupMixFormer')
     rows = tool.plan_rows([model], args)
-    assert [r['compile'] for r in rows] == [False, True]
-    assert [r['flops'] for r in rows] == [True, False]  # FLOPs counted once per size
-
-    def result(compiled, latency, mem):
-        return dict(model=model['label'], model_key=model['key'], size=[64, 96], mode='infer',
-                    attn=None, with_cp=False, compile=compiled, latency_s=latency,
-                    throughput=1 / latency, peak_mem_mb=mem, compile_s=70.0 if compiled else None)
-    results = [result(False, 0.4, 30.0), result(True, 0.25, None)]
+    assert [r.compile for r in rows] == [False, True]
+    assert [r.flops for r in rows] == [True, False]  # FLOPs counted once per size
+    results = [result(model, compile=False, latency_s=0.4, peak_mem_mb=30.0, layout='channels_last'),
+               result(model, compile=True, latency_s=0.25, peak_mem_mb=None, compile_s=70.0,
+                      layout='channels_last')]
     s = tool.summaries(results)
     (c,) = s['compiled_vs_eager']
-    assert c['speedup'] == pytest.approx(1.6) and c['mem_ratio'] is None
+    assert c.speedup == pytest.approx(1.6) and c.mem_ratio is None
     report = dict(machine=dict(device='cpu', device_name='x', torch='t', mmdet='m', threads=1,
                                cpu_count=2, omp_wait_policy='PASSIVE', load_average_start=None,
                                load_average_end=None, foreign_cores_median=None,
                                foreign_cores_max=None, own_cpu_share_median=None),
                   matmul=dict(n=8, latency_s=1.0, gflops_per_s=1.0),
-                  settings=dict(ref_label=None, batch_size=1, runs=3, warmup=1),
-                  results=results, summaries=s)
-    md = tool.to_markdown(report)
+                  settings=dict(ref_label=None, batch_size=1, runs=3, warmup=1))
+    md = tool.to_markdown(report, results, s, {})
     assert '## torch.compile (inductor) vs eager' in md
     assert re.search(r'\| GroupMixFormer-mini \| 64x96 \| — \+ compile \| 250\.0 \|', md)
     assert re.search(r'\| infer \| — \| off \| 1\.60 \| — \| 70 \|', md)
@@ -156,21 +164,28 @@ def test_reference_rows_are_planned_for_mmhat_models_and_reported():
     args = tool.build_parser().parse_args(
         ['mmhat.HATNet', '--peers', 'r50', '--modes', 'infer', '--infer-sizes', '64',
          '--attn', 'both', '--layout', 'both'])
-    hat, r50 = tool.resolve_model('mmhat.HATNet'), tool.resolve_model('r50')
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
     rows = tool.plan_rows([hat, r50], args)
-    assert [(r['attn'], r['layout']) for r in rows if r['model'] is hat] == [
+    assert [(r.attn, r.layout) for r in rows if r.model is hat] == [
         ('fused', 'channels_last'), ('fused', 'nchw'), ('explicit', 'channels_last'),
         ('explicit', 'nchw')]
-    assert [(r['attn'], r['layout']) for r in rows if r['model'] is r50] == [(None, None)]
-
-    def result(attn, layout, latency):
-        return dict(model=hat['label'], model_key=hat['key'], size=[64, 64], mode='infer',
-                    attn=attn, layout=layout, with_cp=False, compile=False, latency_s=latency,
-                    peak_mem_mb=10.0)
-    s = tool.summaries([result('fused', 'channels_last', 0.5), result('fused', 'nchw', 0.6),
-                        result('explicit', 'channels_last', 0.6),
-                        result('explicit', 'nchw', 0.8)])
+    assert [(r.attn, r.layout) for r in rows if r.model is r50] == [(None, None)]
+    results = [result(hat, attn=a, layout=lay, latency_s=t, peak_mem_mb=10.0)
+               for a, lay, t in [('fused', 'channels_last', 0.5), ('fused', 'nchw', 0.6),
+                                 ('explicit', 'channels_last', 0.6), ('explicit', 'nchw', 0.8)]]
+    s = tool.summaries(results)
     (ref,) = s['vs_reference']
-    assert ref['speedup'] == pytest.approx(1.6) and ref['ref_path'] == 'explicit, NCHW'
+    assert ref.speedup == pytest.approx(1.6) and ref.reference.path() == 'explicit, NCHW'
     # fused/explicit pairs stay within one layout
-    assert sorted(round(f['speedup'], 2) for f in s['fused_vs_explicit']) == [1.2, 1.33]
+    assert sorted(round(p.speedup, 2) for p in s['fused_vs_explicit']) == [1.2, 1.33]
+
+
+def test_peer_ratios_pair_every_row_with_the_reference_peer():
+    tool = load_tool()
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
+    results = [result(hat, attn='fused', layout='channels_last', latency_s=0.5, peak_mem_mb=20.0),
+               result(r50, latency_s=1.0, peak_mem_mb=10.0)]
+    ratios = tool.peer_ratios(results, 'r50')
+    assert ratios[id(results[0])].speedup == pytest.approx(2.0)
+    assert ratios[id(results[0])].mem_ratio == pytest.approx(2.0)
+    assert ratios[id(results[1])].speedup == pytest.approx(1.0)  # the peer against itself

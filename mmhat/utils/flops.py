@@ -37,11 +37,13 @@ def _analyzer(model: torch.nn.Module, x: torch.Tensor):
 
 
 def model_flops(model: torch.nn.Module, hw: Sequence[int]) -> Dict[str, float]:
-    """GFLOPs of one image of size ``hw`` through ``model`` (eval mode, CPU copy
-    untouched): total, and the attention matmuls' share."""
+    """GFLOPs of one image of size ``hw`` through ``model`` (put in eval mode, on its own
+    device): total, and the attention matmuls' share."""
     model.eval()  # mmdet's Swin.train() returns None: no chaining
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
     with explicit_attention(), torch.no_grad():
-        analyzer = _analyzer(model, torch.zeros(1, 3, *hw))
+        analyzer = _analyzer(model, torch.zeros(1, 3, *hw, device=device))
         by_op = analyzer.by_operator()
         total = analyzer.total()
     matmul = sum(v for k, v in by_op.items() if k in MATMUL_OPS)
