@@ -55,6 +55,9 @@ class AttentionCall:
     mask_dtype: Optional[torch.dtype]
     fused: bool
     scale: float
+    #: storage offsets of q, k, v in elements (views of one qkv tensor start inside it);
+    #: CUDA's memory-efficient kernel needs their byte offsets aligned
+    storage_offsets: Tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def of(cls, q, k, v, attn_mask, fused: bool, scale: float) -> 'AttentionCall':
@@ -62,7 +65,8 @@ class AttentionCall:
                    v.stride(), q.dtype, q.device.type,
                    None if attn_mask is None else tuple(attn_mask.shape),
                    None if attn_mask is None else attn_mask.stride(),
-                   None if attn_mask is None else attn_mask.dtype, fused, scale)
+                   None if attn_mask is None else attn_mask.dtype, fused, scale,
+                   (q.storage_offset(), k.storage_offset(), v.storage_offset()))
 
 
 @contextlib.contextmanager
