@@ -13,6 +13,7 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from mmengine.config import DictAction  # noqa: E402
 
+from mmhat.checkpoint import CheckpointError  # noqa: E402
 from mmhat.engine import (check_checkpoints, check_data, latest_complete_checkpoint,  # noqa: E402
                           prepare_config, resumable_checkpoints, setup_cpu_distributed,
                           use_atomic_checkpoints)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
         check_data(cfg, splits=('train', 'val'))
         if args.resume is None:
             check_checkpoints(cfg)
-    except FileNotFoundError as e:  # DataNotFoundError included
+    except (FileNotFoundError, CheckpointError) as e:  # DataNotFoundError included
         print(f'error: {e}', file=sys.stderr)
         return 2
     if args.amp:
@@ -78,9 +79,13 @@ def main(argv=None) -> int:
     setup_cpu_distributed(cfg)
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    with resumable_checkpoints():  # --resume / load_from on torch >= 2.6
-        runner.train()
+    try:
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        with resumable_checkpoints():  # --resume / load_from on torch >= 2.6
+            runner.train()
+    except CheckpointError as e:  # a failed download or a file of another model, at init
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,9 +2,11 @@
 import os
 import os.path as osp
 from argparse import Namespace
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
+
+from mmhat.checkpoint import check_checkpoint_source
 
 PREPARE = {
     'CocoDataset': (
@@ -60,31 +62,64 @@ def check_data(cfg: Config, splits=('train', 'val', 'test')) -> None:
         raise DataNotFoundError('\n\n'.join(problems))
 
 
-def _pretrained_paths(node) -> Iterator[str]:
+def _pretrained_checkpoints(node, where: str = 'model') -> Iterator[Tuple[str, str, Any]]:
+    """``(config key, checkpoint, type of the module it initialises)`` for every ``Pretrained``
+    ``init_cfg`` and every ``pretrained=`` (mmseg's segmentor passes its own to the backbone)."""
     if isinstance(node, dict):
+        if isinstance(node.get('pretrained'), str):
+            backbone = node.get('backbone')
+            target = backbone.get('type') if isinstance(backbone, dict) else node.get('type')
+            yield f'{where}.pretrained', node['pretrained'], target
         init_cfg = node.get('init_cfg')
         for cfg in (init_cfg if isinstance(init_cfg, list) else [init_cfg]):
             if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
-                yield cfg['checkpoint']
+                yield f'{where}.init_cfg', cfg['checkpoint'], node.get('type')
         for key, value in node.items():
             if key != 'init_cfg':
-                yield from _pretrained_paths(value)
+                yield from _pretrained_checkpoints(value, f'{where}.{key}')
     elif isinstance(node, list):
-        for item in node:
-            yield from _pretrained_paths(item)
+        for i, item in enumerate(node):
+            yield from _pretrained_checkpoints(item, f'{where}[{i}]')
+
+
+def _mmhat_name(type_: Any) -> Optional[str]:
+    """``'mmhat.HATNet'`` if ``type_`` (a config's ``type``) is an mmhat backbone, else None."""
+    from mmhat.registry import MODELS
+    if isinstance(type_, type):
+        return f'mmhat.{type_.__name__}' if type_.__module__.startswith('mmhat.') else None
+    if not isinstance(type_, str):
+        return None
+    name = type_[len('mmhat.'):] if type_.startswith('mmhat.') else type_
+    MODELS.import_from_location()
+    return f'mmhat.{name}' if (type_.startswith('mmhat.') or name in MODELS.module_dict) else None
 
 
 def check_checkpoints(cfg: Config) -> None:
-    """Raise ``FileNotFoundError`` if a local ``Pretrained`` checkpoint of the model is
-    missing (URLs are downloaded by the runner), before any work starts."""
-    missing = [p for p in _pretrained_paths(cfg.get('model', {}))
-               if '://' not in p and not osp.isfile(p)]
+    """Check the model's ``Pretrained`` checkpoints before any work starts (URLs are
+    downloaded by the runner).
+
+    Raises:
+        CheckpointError: an mmhat backbone is given another model's checkpoint
+            (``open-mmlab://``, ``torchvision://``, ...: what mmseg's ``model.pretrained``
+            and mmdet's R50 ``init_cfg`` put there), with the key that holds it and the fix.
+        FileNotFoundError: a local checkpoint is missing.
+    """
+    found = list(_pretrained_checkpoints(cfg.get('model', {})))
+    for where, checkpoint, target in found:
+        name = _mmhat_name(target)
+        if name:
+            check_checkpoint_source(checkpoint, name, origin=where)
+    missing = [(where, p) for where, p, _ in found if '://' not in p and not osp.isfile(p)]
     if missing:
+        injected = [p for where, p in missing if where.endswith('.pretrained')]
         raise FileNotFoundError(
-            f'pretrained checkpoint not found: {", ".join(missing)}. Download the official '
-            f'ImageNet checkpoint (README: "Model zoo" says where each one is published) to '
-            f'that path, or train from scratch with '
-            f'--cfg-options model.backbone.init_cfg=None')
+            f'pretrained checkpoint not found: {", ".join(p for _, p in missing)}. Download the '
+            f'official ImageNet checkpoint (README: "Model zoo" says where each one is '
+            f'published) to that path, or train from scratch with '
+            f'--cfg-options model.backbone.init_cfg=None'
+            + (f'. {", ".join(injected)} is model.pretrained, which mmseg\'s base configs set '
+               f'for their own backbone: if you did not, add model.pretrained=None'
+               if injected else ''))
 
 
 def _replace_root(node, old: str, new: str):

@@ -38,8 +38,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from mmhat.checkpoint import (CheckpointError, Conversion, DropRule, RenameRule,
-                              convert_state_dict, extract_state_dict, load_checkpoint_file,
-                              load_state_dict_strict)
+                              check_checkpoint_source, convert_state_dict, extract_state_dict,
+                              load_checkpoint_file, load_state_dict_strict)
 
 #: Keyword arguments of mmdet's ResNet / Swin / PVT and mmseg's backbones that no mmhat
 #: backbone takes: arriving here, they mean the config merged the base model's backbone dict
@@ -397,8 +397,11 @@ class PyramidBackbone(BaseModule):
         """Load an official or mmhat checkpoint strictly, reporting what was dropped.
 
         Raises:
-            CheckpointError: missing/corrupt/unsafe file, or keys that do not fit.
+            CheckpointError: another model's zoo (``open-mmlab://``, ``torchvision://``, ...,
+                refused before any download), a failed download, a missing/corrupt/unsafe
+                file, or keys that do not fit (those of another model named as such).
         """
+        check_checkpoint_source(filename, f'mmhat.{type(self).__name__}')
         sd = extract_state_dict(load_checkpoint_file(filename), prefix=prefix)
         conversion = self.convert_checkpoint(sd)
         hint = (f'Is this a checkpoint of {type(self).__name__} arch={self.arch_name!r}? '
