@@ -1,0 +1,71 @@
+"""tools/gpu_check.py, the prepared GPU command, kept from rotting on the CPU: its quick plan
+runs every section (correctness, SDPA kernels, ceiling, inference, training) and writes the
+report, the raw JSON and the plot; and its budget shrinks the plan instead of overrunning."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / 'tools' / 'gpu_check.py'
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location('mmhat_tools_gpu_check', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_passes_every_section(tmp_path):
+    out = tmp_path / 'gpu.md'
+    env = dict(os.environ, OMP_NUM_THREADS='1', OMP_WAIT_POLICY='PASSIVE')
+    proc = subprocess.run([sys.executable, str(TOOL), '--device', 'cpu', '--quick', '--out',
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert 'FAIL' not in proc.stdout, log[-4000:]
+    for section in ('environment', 'correctness', 'sdpa', 'ceiling', 'inference', 'training'):
+        assert f'-- {section}: ' in proc.stdout, section  # each section reports its wall time
+    report = json.loads(out.with_suffix('.json').read_text())
+    assert set(report['sections']) == {'environment', 'correctness', 'sdpa', 'ceiling',
+                                       'inference', 'training'}
+    families = {'HATNet-tiny', 'TransCNN-tiny', 'ShuntedTransformer-tiny',
+                'GroupMixFormer-mini'}
+    infer = {r['model'] for r in report['inference'] if r['error'] is None}
+    assert families | {'Swin-T', 'PVTv2-B2', 'ResNet-50'} <= infer
+    assert families <= {r['model'] for r in report['training'] if r['error'] is None}
+    assert all(c['passed'] for c in report['checks'])
+    checks = {c['name'] for c in report['checks']}
+    for fam in ('HATNet', 'TransCNN', 'ShuntedTransformer', 'GroupMixFormer'):
+        assert f'{fam} equals the official model, float64' in checks
+        assert f'{fam} with_cp gradients == plain' in checks
+    assert report['sdpa'] and {r['family'] for r in report['sdpa']} == {
+        'HATNet', 'TransCNN', 'ShuntedTransformer'}
+    assert len(report['nan_checks']) == 4 and all(n['finite'] for n in report['nan_checks'])
+    md = out.read_text()
+    assert '## Checks' in md and '## SDPA kernels' in md and '## Training step' in md
+    assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_the_budget_skips_rows_instead_of_overrunning(monkeypatch):
+    tool = load_tool()
+    from mmhat.utils import benchmark as B
+    report = tool.Report(device='cpu', budget_s=30.0)
+    spec = B.resolve_model('mmhat.HATNet')
+    rows = [B.Row(model=spec, size=(32, 32), phase='time', runs=1, warmup=1)
+            for _ in range(3)]
+    calls = []
+    monkeypatch.setattr(B, 'measure', lambda row: calls.append(row) or B.Result.of(
+        row, latency_s=0.01))
+    # each measured row "costs" 10 s of a 30 s budget; a row needs its estimate (the last
+    # row's time, 0.5 s at least) plus a 15 s reserve for the report
+    monkeypatch.setattr(report, 'remaining', lambda: 30.0 - 10.0 * len(calls))
+    results = tool.measure_plan(report, rows, estimate_s=1.0)
+    assert len(results) == 2 and report.skipped == [rows[2].describe()]
