@@ -373,8 +373,10 @@ def resolve_model(token: str, default_arch: Optional[str] = None) -> ModelSpec:
     return mmhat_spec(type_name, arch or default_arch)
 
 
-def build_model(spec: ModelSpec, with_cp: bool = False) -> torch.nn.Module:
-    """The model of ``spec``, random init, with activation checkpointing if asked."""
+def build_model(spec: ModelSpec, with_cp: bool = False,
+                channels_last: Optional[bool] = None) -> torch.nn.Module:
+    """The model of ``spec``, random init, with activation checkpointing if asked; an mmhat
+    backbone's ``channels_last`` where given (None: its default)."""
     if spec.source == 'timm':
         import timm
         cfg = dict(spec.cfg)
@@ -388,6 +390,8 @@ def build_model(spec: ModelSpec, with_cp: bool = False) -> torch.nn.Module:
     cfg = dict(spec.cfg)
     if with_cp or 'with_cp' in cfg:  # a config's own with_cp follows the row too
         cfg['with_cp'] = with_cp
+    if spec.is_mmhat and channels_last is not None:
+        cfg['channels_last'] = channels_last
     return MODELS.build(cfg)
 
 
@@ -539,10 +543,9 @@ def make_step(model: torch.nn.Module, net: Callable, x: torch.Tensor, mode: str,
 def prepare(row: Row) -> Tuple[torch.nn.Module, torch.Tensor]:
     """The row's model (on its device, layout and mode) and input batch."""
     device = torch.device(row.device)
-    model = build_model(row.model, row.with_cp).to(device)
-    if row.layout == 'nchw':
-        # The reference layout: NCHW conv weights, as the official models store them.
-        model.to(memory_format=torch.contiguous_format)
+    # 'nchw': the reference layout, NCHW conv weights as the official models store them
+    model = build_model(row.model, row.with_cp,
+                        channels_last=False if row.layout == 'nchw' else None).to(device)
     model.train(row.mode == 'train')
     H, W = row.size
     x = torch.randn(row.batch, 3, H, W, generator=torch.Generator().manual_seed(0)).to(device)
@@ -896,11 +899,16 @@ def plot_results(results: Sequence[Result], title: str, path: Path, all_paths: b
                      label=name)
         ax_t.plot(xs, [p[1] for p in pts], **style)
         ax_m.plot(xs, [p[2] for p in pts], **style)
+    measured = any(math.isfinite(p[2]) for pts in series.values() for p in pts)
+    if not measured:  # e.g. CPU rows timed in-process: no peak memory to show
+        ax_m.text(0.5, 0.5, 'peak memory not measured in this run', ha='center',
+                  transform=ax_m.transAxes)
     for ax, ylabel in ((ax_t, 'throughput (images/s)'), (ax_m, 'inference peak memory (MB)')):
         ax.set_xlabel('input size H x W (log pixels)')
         ax.set_ylabel(ylabel)
         ax.set_xscale('log')
-        ax.set_yscale('log')
+        if ax is ax_t or measured:
+            ax.set_yscale('log')
         # Tick the measured sizes themselves; plain numbers read better than 10^x here.
         ax.set_xticks(sorted(ticks), [ticks[k] for k in sorted(ticks)], rotation=30,
                       fontsize=7)

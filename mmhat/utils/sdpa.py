@@ -636,53 +636,58 @@ def _layout_key(recorded: Sequence[RecordedCall]) -> List[tuple]:
 def check_on_device(families: Optional[Sequence[Type]] = None,
                     sizes: Sequence[Tuple[int, int]] = _SIZES,
                     batch: int = 2,
-                    dtypes: Sequence[torch.dtype] = LOW_PRECISION) -> List[dict]:
-    """What a CUDA run must confirm, family by family and size by size:
+                    dtypes: Sequence[torch.dtype] = LOW_PRECISION,
+                    device: str = 'cuda') -> List[dict]:
+    """What a run on ``device`` must confirm, family by family and size by size:
 
     * ``layout``: the calls of a real forward on the device equal the meta recording
       (shapes, strides, storage offsets, masks);
     * ``forward``: the model runs under autocast in each dtype;
     * per distinct call and dtype: the dispatcher's choice (``torch._fused_sdp_choice``)
-      next to :func:`predicted_backend`, and each fused backend forced alone
-      (``sdpa_kernel``): ``ok`` with its max abs error against the fp32 math backend, or
-      why it refused.
+      next to :func:`predicted_backend` (CUDA only: the prediction is of the CUDA kernels),
+      and each fused backend forced alone (``sdpa_kernel``): ``ok`` with its max abs error
+      against the fp32 math backend, or why it refused. On the CPU only the flash kernel
+      exists (``tools/gpu_check.py --device cpu`` runs this path so that it cannot rot).
     """
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     names = {int(getattr(SDPBackend, v)): k for k, v in SDPBACKEND_NAMES.items()}
-    sm = torch.cuda.get_device_capability()
-    cudnn_version = torch.backends.cudnn.version() or 0
+    cuda = torch.device(device).type == 'cuda'
+    sm = torch.cuda.get_device_capability(device) if cuda else None
+    cudnn_version = (torch.backends.cudnn.version() or 0) if cuda else 0
+    backends = FUSED_BACKENDS if cuda else ('flash', )
     results = []
     for cls, hw in itertools.product(families or registered_families(), sizes):
         if not cls.fused_attention:
             continue
-        real = record_family_calls(cls, hw, batch, device='cuda')
+        real = record_family_calls(cls, hw, batch, device=device)
         head = dict(family=cls.__name__, hw=hw,
                     layout=_layout_key(real) == _layout_key(record_family_calls(cls, hw, batch)))
-        model = cls(arch=cls.smallest_arch, fused_attn=True).eval().cuda()
+        model = cls(arch=cls.smallest_arch, fused_attn=True).eval().to(device)
         for dtype in dtypes:
             try:
-                with torch.no_grad(), torch.autocast('cuda', dtype=dtype):
-                    model(torch.randn(batch, 3, *hw, device='cuda'))
+                with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype):
+                    model(torch.randn(batch, 3, *hw, device=device))
                 head[f'forward {dtype}'] = 'ok'
             except RuntimeError as e:
                 head[f'forward {dtype}'] = str(e).splitlines()[0][:120]
         results.append(head)
         for (stage, call), _ in _distinct(real):
             for dtype in dtypes:
-                q, k, v, mask = materialize(call, dtype)
+                q, k, v, mask = materialize(call, dtype, device)
                 chosen = torch._fused_sdp_choice(q, k, v, mask, scale=call.scale)
                 row = dict(family=cls.__name__, hw=hw, stage=stage, q_shape=call.q_shape,
                            n_k=call.k_shape[-2], mask=mask_kind(call), dtype=dtype,
                            chosen=names.get(int(chosen), str(chosen)),
                            predicted=predicted_backend(call, dtype, sm,
-                                                       cudnn_version=cudnn_version),
+                                                       cudnn_version=cudnn_version)
+                           if cuda else None,
                            priority=[names.get(int(i), str(i))
                                      for i in torch._C._get_sdp_priority_order()])
                 with sdpa_kernel(SDPBackend.MATH):
                     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                          attn_mask=mask, scale=call.scale)
-                for name in FUSED_BACKENDS:
+                for name in backends:
                     try:
                         with sdpa_kernel(getattr(SDPBackend, SDPBACKEND_NAMES[name])):
                             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,

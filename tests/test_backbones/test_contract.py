@@ -263,3 +263,31 @@ def test_checkpoints_of_mmhat_0_1_still_load(cls, tmp_path):
         assert not conversion.legacy_renamed
     for old_key, new_key in {k: conversion.legacy_renamed.get(k, k) for k in sd}.items():
         assert torch.equal(loaded[new_key], sd[old_key].to(loaded[new_key].dtype)), old_key
+
+
+def test_channels_last_default_follows_the_device_type(monkeypatch):
+    """``channels_last=None``: the layout of CHANNELS_LAST_ON for the device type the model
+    is on, again whenever it moves to another type; True/False and a layout set by hand on
+    the same device type stay."""
+    from mmhat.models.backbones import base
+    cls = FAMILIES[0]
+
+    def channels_last(model):
+        """All kxk (k > 1) conv weights channels-last (the channel stride is 1), or all NCHW
+        (1x1 weights look the same in both layouts)."""
+        strides = {m.weight.stride(1) == 1 for m in model.modules()
+                   if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1}
+        assert len(strides) == 1, 'mixed layouts'
+        return strides.pop()
+
+    assert channels_last(contract.build(cls))  # the measured CPU default
+    monkeypatch.setattr(base, 'CHANNELS_LAST_ON', {'cpu': False, 'meta': True})
+    model = contract.build(cls)
+    assert not channels_last(model)
+    model.double()  # no device move: unchanged
+    assert not channels_last(model)
+    assert channels_last(model.to('meta'))
+    fixed = contract.build(cls, channels_last=False).to('meta')
+    assert not channels_last(fixed)
+    by_hand = contract.build(cls).to(memory_format=torch.channels_last)
+    assert channels_last(by_hand)  # set by hand on the same device type: kept

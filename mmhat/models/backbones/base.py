@@ -54,6 +54,14 @@ FOREIGN_BACKBONE_ARGS = frozenset({
 })
 
 
+#: The conv weight layout the families run fastest with, per device type, where
+#: ``channels_last=None``: channels-last on the CPU, measured by ``tools/benchmark.py``
+#: (``docs/benchmarks.md``). CUDA: not measured yet (no GPU run so far); channels-last, the
+#: layout cuDNN's tensor-core convolutions take without copies in mixed precision;
+#: ``tools/gpu_check.py`` measures both layouts and says which this entry should be.
+CHANNELS_LAST_ON: Dict[str, bool] = {'cpu': True, 'cuda': True}
+
+
 def checkpointed(module: nn.Module, *args, enabled: bool, **kwargs):
     """``module(*args, **kwargs)``, with activation checkpointing when ``enabled`` and a
     gradient is needed (the input or one of the module's parameters requires one).
@@ -112,10 +120,12 @@ class PyramidBackbone(BaseModule):
         with_cp: activation checkpointing of the stem, every stage entry and every block
             (less memory, slower backward).
         channels_last: store conv weights channels-last (NHWC strides; the state dict is the
-            same). Measured faster on CPU for every family, up to 1.5x, because the token
-            families hand their convolutions NHWC views of ``(B, N, C)`` tokens and oneDNN
-            copied them to NCHW for NCHW weights (``docs/benchmarks.md``).
-            ``model.to(memory_format=torch.contiguous_format)`` turns it off later.
+            same); None (default): the layout :data:`CHANNELS_LAST_ON` gives for the device
+            type the model is on, followed again whenever the model moves to another device
+            type (``.to('cuda')``). Measured faster on CPU for every family, up to 1.5x,
+            because the token families hand their convolutions NHWC views of ``(B, N, C)``
+            tokens and oneDNN copied them to NCHW for NCHW weights (``docs/benchmarks.md``).
+            True / False fix the layout; ``model.to(memory_format=...)`` changes it later.
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``
             (mmseg's ``EncoderDecoder`` injects it).
         init_cfg: mmengine init config; ``type='Pretrained'`` loads official or mmhat
@@ -161,7 +171,7 @@ class PyramidBackbone(BaseModule):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 channels_last: bool = True,
+                 channels_last: Optional[bool] = None,
                  pretrained: Optional[str] = None,
                  init_cfg: Optional[Union[dict, list]] = None,
                  **unknown: Any) -> None:
@@ -169,7 +179,11 @@ class PyramidBackbone(BaseModule):
             raise TypeError(self._unknown_arguments_message(unknown))
         if pretrained is not None:
             if init_cfg is not None:
-                raise ValueError('give either `pretrained` or `init_cfg`, not both')
+                raise ValueError(
+                    f'mmhat.{type(self).__name__} got both pretrained={pretrained!r} and '
+                    f'init_cfg={init_cfg!r}. mmseg\'s base configs set model.pretrained (an '
+                    f'ImageNet ResNet), which the segmentor passes on to the backbone: set '
+                    f'model.pretrained=None and keep the backbone\'s init_cfg.')
             warnings.warn('`pretrained` is deprecated, use init_cfg=dict(type="Pretrained", '
                           'checkpoint=...)')
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
@@ -194,7 +208,10 @@ class PyramidBackbone(BaseModule):
         self.stages = nn.ModuleList(self.build_stage(i, rates[i]) for i in range(self.num_stages))
         self.with_cp = with_cp
         self.channels_last = channels_last
-        if channels_last:
+        self._layout_device: Optional[str] = None
+        if channels_last is None:
+            self._follow_device_layout()
+        elif channels_last:
             self.to(memory_format=torch.channels_last)
 
     # ---------------------------------------------------------------- the family's parts
@@ -333,6 +350,24 @@ class PyramidBackbone(BaseModule):
             raise ValueError(f'{name} needs inputs of at least {side}x{side} pixels, got '
                              f'{x.shape[2]}x{x.shape[3]}; resize or pad the image')
 
+    # ---------------------------------------------------------------- memory format
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ... as usual; with ``channels_last=None`` the weights then
+        take the layout of the device type they moved to."""
+        super()._apply(fn, recurse)
+        if getattr(self, 'channels_last', False) is None:
+            self._follow_device_layout()
+        return self
+
+    def _follow_device_layout(self) -> None:
+        weight = next((m.weight for m in self.modules() if isinstance(m, nn.Conv2d)), None)
+        if weight is None or weight.device.type == self._layout_device:
+            return  # the same device type: a layout the user set stays
+        self._layout_device = weight.device.type
+        fmt = (torch.channels_last if CHANNELS_LAST_ON.get(weight.device.type, True) else
+               torch.contiguous_format)
+        nn.Module._apply(self, lambda t: t.to(memory_format=fmt) if t.dim() == 4 else t)
+
     # ---------------------------------------------------------------- training state
     def _frozen_modules(self) -> Sequence[nn.Module]:
         if self.frozen_stages < 0:
@@ -453,5 +488,5 @@ def _checkpoint_contexts(block: nn.Module):
     return contextlib.nullcontext(), frozen_bn_stats(block)
 
 
-__all__ = ['PyramidBackbone', 'PyramidStage', 'CheckpointError', 'checkpointed',
-           'drop_path_schedule']
+__all__ = ['CHANNELS_LAST_ON', 'PyramidBackbone', 'PyramidStage', 'CheckpointError',
+           'checkpointed', 'drop_path_schedule']
