@@ -122,9 +122,9 @@ class PyramidBackbone(BaseModule):
         channels_last: store conv weights channels-last (NHWC strides; the state dict is the
             same); None (default): the layout :data:`CHANNELS_LAST_ON` gives for the device
             type the model is on, followed again whenever the model moves to another device
-            type (``.to('cuda')``). Measured faster on CPU for every family, up to 1.5x,
-            because the token families hand their convolutions NHWC views of ``(B, N, C)``
-            tokens and oneDNN copied them to NCHW for NCHW weights (``docs/benchmarks.md``).
+            type (``.to('cuda')``). Measured faster on CPU for every family, because the
+            token families hand their convolutions NHWC views of ``(B, N, C)`` tokens and
+            oneDNN copied them to NCHW for NCHW weights (``docs/benchmarks.md``).
             True / False fix the layout; ``model.to(memory_format=...)`` changes it later.
         pretrained: deprecated alias of ``init_cfg=dict(type='Pretrained', checkpoint=...)``
             (mmseg's ``EncoderDecoder`` injects it).

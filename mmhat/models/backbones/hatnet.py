@@ -2,9 +2,10 @@
 
 Paper: Yun Liu, Yu-Huan Wu, Guolei Sun, Le Zhang, Ajad Chhatkuli, Luc Van Gool,
 "Vision Transformers with Hierarchical Attention", Machine Intelligence Research 2024
-(arXiv 2106.03180). Official classification code: yun-liu/HAT-Net, ``HAT_Net.py``
-(MIT licence). This file is an independent implementation; equality with the official
-model is proven by ``tests/test_backbones/test_hatnet.py`` on the reference cases.
+(arXiv 2106.03180). Official classification code: yun-liu/HAT-Net, ``HAT_Net.py`` at
+commit 8f72ce4 (the repository states no licence). This file is an independent
+implementation; equality with the official model is proven by
+``tests/test_backbones/test_contract.py`` on the reference cases.
 
 The same code serves TransCNN, the paper's first version (``transcnn.py`` only swaps the
 norm, the downsampling block and the inverted residual's norm placement).

@@ -4,7 +4,7 @@ Paper: Sucheng Ren, Daquan Zhou, Shengfeng He, Jiashi Feng, Xinchao Wang, "Shunt
 Self-Attention via Multi-Scale Token Aggregation", CVPR 2022 (arXiv 2111.15193). Official
 classification code: OliverRensu/Shunted-Transformer, ``SSA.py`` (commit 6861101; the
 repository states no licence). This file is an independent implementation; equality with
-the official model is proven by ``tests/test_backbones/test_shunted.py`` on the reference
+the official model is proven by ``tests/test_backbones/test_contract.py`` on the reference
 case.
 
 Dense prediction (what differs from the official classifier; see :class:`ShuntedTransformer`

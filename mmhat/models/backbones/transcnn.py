@@ -2,8 +2,9 @@
 
 Paper: Yun Liu, Guolei Sun, Yu Qiu, Le Zhang, Ajad Chhatkuli, Luc Van Gool,
 "Transformer in Convolutional Neural Networks", arXiv 2106.03180 v1/v2. Official code:
-yun-liu/HAT-Net at commit 0bd7463, ``TransCNN.py`` (MIT licence); released ImageNet
-checkpoints ``TransCNN-{Tiny,Small,Medium,Large}.pth`` (GitHub release ``v1``, 256x256).
+yun-liu/HAT-Net at commit 0bd7463, ``TransCNN.py`` (the repository states no licence);
+released ImageNet checkpoints ``TransCNN-{Tiny,Small,Medium,Large}.pth`` (GitHub release
+``v1.0``, 256x256).
 
 TransCNN is HAT-Net's code with three differences, and this file holds only those:
 BatchNorm instead of GroupNorm(1); the two-branch downsampling block (TDB); and a
