@@ -25,12 +25,12 @@ from typing import List, Optional, Union
 import torch
 import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
-from mmengine.model.weight_init import trunc_normal_
+from mmengine.model.weight_init import trunc_normal_init
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (attention, drop_path, merge_heads_nchw, pad_amounts, split_heads_nchw,
-                      use_fused_attn, window_attention)
+from ..layers import (attention, drop_path, head_dims, merge_heads_nchw, pad_amounts,
+                      split_heads_nchw, use_fused_attn, window_attention)
 from .base import PyramidBackbone, PyramidStage
 
 
@@ -67,12 +67,10 @@ class HATAttention(nn.Module):
                  norm_cfg: dict,
                  fused: Optional[bool] = None) -> None:
         super().__init__()
-        if embed_dims % num_heads:
-            raise ValueError(f'embed_dims {embed_dims} is not divisible by num_heads {num_heads}')
         self.num_heads = num_heads
         self.grid_size = grid_size
         self.ds_ratio = ds_ratio
-        self.scale = (embed_dims // num_heads)**-0.5
+        self.scale = head_dims(embed_dims, num_heads)**-0.5
         self.fused = fused
         self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
         self.qkv = nn.Conv2d(embed_dims, embed_dims * 3, 1)
@@ -264,9 +262,7 @@ class HATNet(PyramidBackbone):
         """Official init: truncated normal (std 0.02) conv/linear weights, zero biases."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                trunc_normal_init(m, std=0.02, bias=0)
 
     # Official HAT_Net.py key -> mmhat key (applied in order to every key).
     official_rename_rules = [

@@ -20,12 +20,12 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from mmcv.cnn import ConvModule, build_activation_layer, build_norm_layer
-from mmengine.model.weight_init import trunc_normal_
+from mmengine.model.weight_init import constant_init, normal_init, trunc_normal_init
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (attention, drop_path, merge_heads, nchw_to_nlc, nlc_to_nchw, pad_amounts,
-                      pad_bottom_right, split_heads, use_fused_attn)
+from ..layers import (attention, drop_path, head_dims, merge_heads, nchw_to_nlc, nlc_to_nchw,
+                      pad_amounts, pad_bottom_right, split_heads, use_fused_attn)
 from .base import PyramidBackbone, PyramidStage
 
 # The official LayerNorm eps values: ``partial(nn.LayerNorm, eps=1e-6)`` for the block and
@@ -155,15 +155,13 @@ class ShuntedAttention(nn.Module):
                  act_cfg: dict,
                  fused: Optional[bool] = None) -> None:
         super().__init__()
-        if embed_dims % num_heads:
-            raise ValueError(f'embed_dims {embed_dims} is not divisible by num_heads {num_heads}')
+        self.scale = head_dims(embed_dims, num_heads)**-0.5
         rates = (sr_ratio, sr_ratio // 2) if sr_ratio > 1 else ()
         if rates and (sr_ratio % 2 or num_heads % len(rates)):
             raise ValueError(f'shunted attention with sr_ratio {sr_ratio} needs an even '
                              f'sr_ratio (rates r and r/2) and an even num_heads, got '
                              f'{num_heads} heads')
         self.num_heads = num_heads
-        self.scale = (embed_dims // num_heads)**-0.5
         self.fused = fused
         self.q = nn.Linear(embed_dims, embed_dims)
         if rates:
@@ -363,17 +361,12 @@ class ShuntedTransformer(PyramidBackbone):
         with std ``sqrt(2 / fan_out)``; zero biases; norms 1 / 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                trunc_normal_init(m, std=0.02, bias=0)
             elif isinstance(m, nn.Conv2d):
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-                nn.init.normal_(m.weight, 0, (2.0 / fan_out)**0.5)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                normal_init(m, std=(2.0 / fan_out)**0.5, bias=0)
             elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                constant_init(m, 1, bias=0)
 
     # Official SSA.py key -> mmhat key (applied in order to every key). The official stem
     # ``patch_embed1.conv`` is one Sequential of [conv, BN, ReLU] triples ending with the

@@ -69,6 +69,14 @@ def window_reverse(cells: torch.Tensor, window: int) -> torch.Tensor:
     return x.reshape(B, C, nH * window, nW * window)  # (B, C, H, W)
 
 
+def head_dims(embed_dims: int, num_heads: int) -> int:
+    """The width of each of ``num_heads`` heads over ``embed_dims`` channels; a clear error
+    when they do not divide."""
+    if embed_dims % num_heads:
+        raise ValueError(f'embed_dims {embed_dims} is not divisible by num_heads {num_heads}')
+    return embed_dims // num_heads
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Tokens to heads: ``(B, N, h*d)`` (channel ``head * d + j``) -> ``(B, h, N, d)``."""
     B, N, C = x.shape
