@@ -168,6 +168,14 @@ def minimum_gemm_alignment(dtype: torch.dtype, sm: Tuple[int, int]) -> int:
     return alignment
 
 
+def _check_low_precision(dtype: torch.dtype, sm: Tuple[int, int], check: str) -> List[str]:
+    """fp16, and bf16 from sm80 on (flash's and cuDNN's dtype rule, named ``check``)."""
+    allowed = LOW_PRECISION if sm[0] >= 8 else (torch.float16, )
+    if dtype in allowed:
+        return []
+    return [f'{check}: {dtype} is not one of {", ".join(map(str, allowed))}']
+
+
 def _check_mask_dtype(c: AttentionCall, dtype: torch.dtype) -> Optional[str]:
     """``validate_sdpa_input``: a mask is bool, float32 or q's dtype; SDPA raises otherwise."""
     if c.mask_dtype is None or c.mask_dtype in (torch.bool, torch.float32, dtype):
@@ -203,10 +211,7 @@ def _flash(c: AttentionCall, dtype: torch.dtype, sm: Tuple[int, int], training: 
     if is_causal and c.q_shape[-2] != c.k_shape[-2]:
         reasons.append('check_flash_causal_non_square_seqlens: is_causal needs '
                        'seq_len_q == seq_len_kv')
-    allowed = LOW_PRECISION if sm[0] >= 8 else (torch.float16, )
-    if dtype not in allowed:
-        reasons.append(f'check_dtypes_flash_attention: {dtype} is not one of '
-                       f'{", ".join(map(str, allowed))}')
+    reasons += _check_low_precision(dtype, sm, 'check_dtypes_flash_attention')
     for reason in (_check_batch_and_heads(c, enable_gqa, requires_same_kv_heads=True),
                    _check_nonzero_sequence_lengths(c),
                    _check_last_dim_stride(c, ignore_singleton_dim=True)):
@@ -289,10 +294,7 @@ def _cudnn(c: AttentionCall, dtype: torch.dtype, sm: Tuple[int, int], training: 
     if deterministic:
         reasons.append('check_cudnn_deterministic: cuDNN SDPA is not deterministic '
                        '(torch.use_deterministic_algorithms(True) without warn_only)')
-    allowed = LOW_PRECISION if sm[0] >= 8 else (torch.float16, )
-    if dtype not in allowed:
-        reasons.append(f'check_dtypes_low_precision: {dtype} is not one of '
-                       f'{", ".join(map(str, allowed))}')
+    reasons += _check_low_precision(dtype, sm, 'check_dtypes_low_precision')
     mask_shape = _check_attn_mask_shape(c)
     if mask_shape:
         reasons.append(mask_shape)
