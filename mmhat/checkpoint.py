@@ -234,8 +234,8 @@ def load_checkpoint_file(filename: str, map_location: str = 'cpu') -> dict:
         source = f'{filename} (downloaded from {source})'
     elif '://' not in filename and not os.path.isfile(filename):
         raise CheckpointError(
-            f'checkpoint file not found: {filename!r}. Download it (see the README section '
-            f'"Model zoo" for where each official checkpoint lives) and put it at that path, '
+            f'checkpoint file not found: {filename!r}. Download it (docs/model_zoo.md, '
+            f'"Checkpoints", says where each official checkpoint lives) and put it at that path, '
             f'or set the backbone\'s init_cfg=None to start from random weights.')
     try:
         with checkpoint_safe_globals():

@@ -328,37 +328,39 @@ def test_train_with_missing_local_checkpoint_says_where_to_get_it(tmp_path, caps
                         '--work-dir', str(tmp_path / 'wd'), '--data-root', str(data)])
     err = capsys.readouterr().err
     assert rc == 2
-    assert 'checkpoints/shunted_s.pth' in err and 'Model zoo' in err and 'Traceback' not in err
+    assert 'checkpoints/shunted_s.pth' in err and 'docs/model_zoo.md' in err
+    assert 'Traceback' not in err
 
 
-SWAP = {
-    'mmdet': """_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
-model = dict(
-    backbone=dict(_delete_=True, type='mmhat.HATNet', arch='small', drop_path_rate=0.1,
-                  init_cfg=dict(type='Pretrained', checkpoint='https://github.com/yun-liu/HAT-Net/releases/download/v2.0/HAT-Net_Small.pth')),
-    neck=dict(in_channels=[64, 128, 320, 512]))
-""",
-    'mmseg': """_base_ = 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'
-model = dict(
-    pretrained=None,
-    backbone=dict(_delete_=True, type='mmhat.HATNet', arch='small', drop_path_rate=0.1),
-    neck=dict(in_channels=[64, 128, 320, 512]))
-""",
-}
-
-
-@pytest.mark.parametrize('scope', SWAP)
-def test_readme_swap_into_an_existing_mm_config(tmp_path, scope):
-    """The README's lines turn mmdet's/mmseg's own R50 configs into HAT-Net ones."""
+def readme_swap_configs():
+    """The python blocks of the README's swap-in section, keyed by the scope they start from."""
     readme = (ROOT / 'README.md').read_text()
-    first_line = SWAP[scope].splitlines()[0]
-    assert first_line.split('::')[1].rstrip("'") in readme
+    section = readme.split('## Swap an mmhat backbone', 1)[1].split('\n## ', 1)[0]
+    blocks = re.findall(r'```python\n(.*?)```', section, flags=re.S)
+    return {block.split("'", 2)[1].split('::')[0]: block for block in blocks}
+
+
+def test_readme_swap_section_covers_mmdet_and_mmseg():
+    blocks = readme_swap_configs()
+    assert set(blocks) == {'mmdet', 'mmseg'}
+    assert 'pretrained=None' in blocks['mmseg']
+    assert all('_delete_=True' in b and "'mmhat.ResumeCompatHook'" in b for b in blocks.values())
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+def test_readme_swap_into_an_existing_mm_config(tmp_path, scope):
+    """The README's blocks, as a user copies them, turn mmdet's/mmseg's own R50 configs into
+    HAT-Net ones: they build, the neck fits, the checkpoint is the authors' and the hook
+    resolves by its scoped name."""
     path = tmp_path / f'{scope}_swap.py'
-    path.write_text(SWAP[scope])
+    path.write_text(readme_swap_configs()[scope])
     cfg = Config.fromfile(str(path))
     model = build_model(cfg)
     assert type(model.backbone).__name__ == 'HATNet'
     assert list(cfg.model.neck.in_channels) == model.backbone.out_channels
+    assert model.backbone.init_cfg['checkpoint'].endswith('/v2.0/HAT-Net_Small.pth')
+    from mmhat.registry import HOOKS
+    assert HOOKS.build(cfg.custom_hooks[0]).__class__.__name__ == 'ResumeCompatHook'
 
 
 def test_get_flops_of_a_whole_segmentor():

@@ -14,13 +14,13 @@ PREPARE = {
         '  {root}/annotations/instances_train2017.json, instances_val2017.json\n'
         '  {root}/train2017/*.jpg, {root}/val2017/*.jpg\n'
         'Download train2017.zip, val2017.zip and annotations_trainval2017.zip from\n'
-        'https://cocodataset.org/#download and unzip them there (README: "Data preparation").'),
+        'https://cocodataset.org/#download and unzip them there (docs/data_preparation.md).'),
     'ADE20KDataset': (
         'ADE20K (SceneParsing 2016) is expected under {root} (override with --data-root):\n'
         '  {root}/images/{{training,validation}}/*.jpg\n'
         '  {root}/annotations/{{training,validation}}/*.png\n'
         'Download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and unzip it\n'
-        'into the parent folder (README: "Data preparation").'),
+        'into the parent folder (docs/data_preparation.md).'),
 }
 
 
@@ -55,7 +55,7 @@ def check_data(cfg: Config, splits=('train', 'val', 'test')) -> None:
         missing = [p for p in paths if not osp.exists(p)] or ([root] if root and not osp.isdir(root) else [])
         if missing and (ds.get('type'), root) not in seen:
             seen.add((ds.get('type'), root))
-            how = PREPARE.get(str(ds.get('type')).split('.')[-1], 'See the README, "Data preparation".')
+            how = PREPARE.get(str(ds.get('type')).split('.')[-1], 'See docs/data_preparation.md.')
             problems.append(f'{split} data of type {ds.get("type")} not found: missing '
                             f'{", ".join(missing[:3])}\n{how.format(root=root.rstrip("/"))}')
     if problems:
@@ -114,8 +114,8 @@ def check_checkpoints(cfg: Config) -> None:
         injected = [p for where, p in missing if where.endswith('.pretrained')]
         raise FileNotFoundError(
             f'pretrained checkpoint not found: {", ".join(p for _, p in missing)}. Download the '
-            f'official ImageNet checkpoint (README: "Model zoo" says where each one is '
-            f'published) to that path, or train from scratch with '
+            f'official ImageNet checkpoint (docs/model_zoo.md, "Checkpoints", says where each '
+            f'one is published) to that path, or train from scratch with '
             f'--cfg-options model.backbone.init_cfg=None'
             + (f'. {", ".join(injected)} is model.pretrained, which mmseg\'s base configs set '
                f'for their own backbone: if you did not, add model.pretrained=None'
