@@ -200,3 +200,20 @@ def test_page_links_resolve_and_name_no_machine_paths():
     assert len(targets) > len(CONFIGS)  # every config is linked, and model-index.yml
     assert [t for t in targets if not (ROOT / 'docs' / t).resolve().is_file()] == []
     assert not re.search(r'(/work/|/tmp/|/root/|/home/|site-packages)', page)
+
+
+def test_readme_model_table_is_the_flop_counters():
+    """The README's short table: params and GFLOPs of every variant, to one decimal, as
+    measured (the same cached measurements as the metafiles)."""
+    import mmhat.models  # noqa: F401
+    from mmhat.registry import MODELS
+    readme = (ROOT / 'README.md').read_text()
+    rows = {m[1]: m for m in re.finditer(r'^\| `(mmhat\.\w+)` \| ([^|]+) \| ([^|]+) \| ([^|(]+)',
+                                          readme, re.M)}
+    assert set(rows) == {f'mmhat.{n}' for n in MODELS.module_dict}
+    for type_name, m in rows.items():
+        archs = [a.strip() for a in m[2].split('/')]
+        assert archs == list(MODELS.get(type_name).arch_zoo), type_name
+        measured = [TOOL.measure(type_name, a) for a in archs]
+        assert [float(v) for v in m[3].split('/')] == [round(r['params'], 1) for r in measured]
+        assert [float(v) for v in m[4].split('/')] == [round(r['gflops'], 1) for r in measured]

@@ -55,23 +55,30 @@ def test_syncbn_config_builds():
     assert 'SyncBatchNorm' in kinds and 'BatchNorm2d' not in kinds
 
 
-def test_factorized_attention_is_softmax_over_tokens():
+def channels_first(t: torch.Tensor) -> torch.Tensor:
+    """``(B, h, N, d)`` -> ``(B, h*d, N)``, channel ``head * d + j``."""
+    B, h, N, d = t.shape
+    return t.transpose(-2, -1).reshape(B, h * d, N)
+
+
+def test_factorized_attention_is_softmax_over_tokens_per_head():
     torch.manual_seed(0)
     q, k, v, bias = torch.randn(4, 2, 3, 10, 5).unbind(0)  # each (B, h, N, d)
     expected = 0.3 * torch.einsum('bhnk,bhkv->bhnv', q,
                                   torch.einsum('bhnk,bhnv->bhkv', k.softmax(dim=2), v)) + bias
-    torch.testing.assert_close(factorized_attention(q, k, v, 0.3, bias=bias), expected)
-    torch.testing.assert_close(factorized_attention(q, k, v, 0.3), expected - bias)
+    q, k, v, bias, expected = map(channels_first, (q, k, v, bias, expected))
+    torch.testing.assert_close(factorized_attention(q, k, v, 3, 0.3, bias=bias), expected)
+    torch.testing.assert_close(factorized_attention(q, k, v, 3, 0.3), expected - bias)
 
 
 def test_factorized_attention_mask_equals_dropping_tokens():
     """Masked tokens take no part in the context: the result equals attention over the
     kept tokens only."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 1, 2, 10, 4).unbind(0)
+    q, k, v = torch.randn(3, 1, 8, 10).unbind(0)  # each (B, h*d, N), 2 heads of 4
     keep = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
-    out = factorized_attention(q, k, v, 0.5, key_mask=keep.view(1, 1, 10, 1))
-    kept = factorized_attention(q, k[:, :, keep], v[:, :, keep], 0.5)
+    out = factorized_attention(q, k, v, 2, 0.5, key_mask=keep.view(1, 1, 10))
+    kept = factorized_attention(q, k[..., keep], v[..., keep], 2, 0.5)
     torch.testing.assert_close(out, kept)
 
 

@@ -25,13 +25,14 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.model.weight_init import trunc_normal_
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmhat.registry import MODELS
-from ..layers import (drop_path, merge_heads, merge_heads_nchw, nchw_to_nlc, nlc_to_nchw,
-                      split_heads_nchw)
+from ..layers import drop_path, nchw_to_nlc, nlc_to_nchw
 from .base import PyramidBackbone, PyramidStage
 
 #: Kernel sizes of the group proxies: segment ``1 + i`` of q/k/v is aggregated by a
@@ -47,6 +48,10 @@ NUM_SEGMENTS = len(PROXY_KERNEL_SIZES) + 2
 #: order. Heads 0-1 use 3x3, heads 2-4 5x5, heads 5-7 7x7. It groups the heads 2/3/3
 #: while the proxies group them 2/2/2/2; the official model does so.
 CRPE_WINDOWS = ((3, 2), (5, 3), (7, 3))
+#: Hidden activations per FFN chunk at inference (2**18 floats = 1 MiB, an L2 cache): the
+#: FFN runs on ``FFN_CHUNK_ELEMENTS // hidden_dims`` tokens at a time, which measured faster
+#: on CPU than all tokens at once (docs/benchmarks.md).
+FFN_CHUNK_ELEMENTS = 2**18
 
 
 # ---------------------------------------------------------------------------------------
@@ -60,6 +65,42 @@ def zero_outside(x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor
         valid: ``(B, 1, H, W)`` bool, or None (no-op).
     """
     return x if valid is None else x.masked_fill(~valid, 0.)
+
+
+def channels_last_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``(C_out, C_in, k, k)`` with channels-last strides, so that a conv of a
+    channels-last map (a view of tokens) runs channels-last, without copying the map.
+
+    A kernel assembled at forward time (repeated, padded, concatenated) is contiguous;
+    PyTorch then runs a depthwise conv NCHW and copies the map in and out. (``contiguous``
+    would not do: for ``C_in = 1`` contiguous strides already count as channels-last.)
+    """
+    if torch.onnx.is_in_onnx_export():  # ONNX has no memory formats (and the exporter loses
+        return weight                   # the shape of a cloned kernel)
+    return weight.clone(memory_format=torch.channels_last)  # (C_out, C_in, k, k)
+
+
+def frozen_bn_affine(norm: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(scale, shift)`` with ``norm(x) == scale * x + shift`` per channel, when ``norm``
+    is a BatchNorm that normalises with its running statistics (eval mode, or
+    ``norm_eval``); None otherwise (batch statistics, or another kind of norm)."""
+    if not isinstance(norm, _BatchNorm) or norm.training or norm.running_mean is None:
+        return None
+    scale = torch.rsqrt(norm.running_var + norm.eps)  # (C, )
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+def centre_tap(weight: torch.Tensor) -> torch.Tensor:
+    """The identity as a depthwise kernel shaped like ``weight`` ``(C, 1, k, k)``: 1 at the
+    centre, 0 elsewhere (built from ``weight``'s shape, so that tracers and ONNX know it)."""
+    eye = torch.zeros_like(weight)  # (C, 1, k, k)
+    eye[:, :, weight.shape[-2] // 2, weight.shape[-1] // 2] = 1
+    return eye
 
 
 ValidSizes = Optional[Tuple[Tuple[int, int], ...]]
@@ -95,43 +136,50 @@ def valid_mask(valid_sizes: ValidSizes, stride: int, hw: Sequence[int],
 def factorized_attention(q: torch.Tensor,
                          k: torch.Tensor,
                          v: torch.Tensor,
+                         num_heads: int,
                          scale: float,
                          key_mask: Optional[torch.Tensor] = None,
                          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Factorised (linear) attention, CoaT style: ``scale * q (softmax_N(k)^T v) + bias``.
+    """Factorised (linear) attention, CoaT style: ``scale * q (softmax_N(k)^T v) + bias``
+    per head, on channels-first tokens.
 
     The softmax runs over the **tokens** (per head and channel), not over the keys of a
     query, so the context ``softmax_N(k)^T v`` is a ``(d, d)`` matrix per head and the
     cost is linear in ``N``: no ``(N, N)`` matrix exists. That is also why this attention
     has no fused ``F.scaled_dot_product_attention`` path (SDPA computes the softmax over
-    keys per query); this explicit path is the only one, and is kept lean: the context is
-    formed first (``O(N d^2)``), and the scale and ``bias`` are fused into the last matmul
-    (``torch.baddbmm``), so the only ``(N, d)`` temporaries are the softmax and the output.
+    keys per query); this explicit path is the only one, and is kept lean:
+
+    * channels first, ``(B, h*d, N)``: the softmax runs along contiguous memory and both
+      matmuls are long-``N`` GEMMs whatever ``d`` is;
+    * the heads share one ``(h*d, h*d)`` context GEMM whose cross-head entries are zeroed
+      (exactly: they then add ``q * 0``), which costs ``h`` times the per-head context, so
+      call it with few heads (GroupMixFormer calls it with the 2 heads of a segment);
+    * the scale and ``bias`` are fused into the last matmul (``torch.baddbmm``).
 
     Args:
-        q, k, v: ``(B, h, N, d)``.
+        q, k, v: ``(B, h*d, N)``, channel ``head * d + j``.
+        num_heads: h.
         scale: multiplier of ``q @ context`` (applied after the product, as the official
             model does).
-        key_mask: optional bool, broadcastable to ``(B, h, N, d)`` (usually
-            ``(B, 1, N, 1)``); False tokens get zero softmax weight. Every image needs at
-            least one True token.
-        bias: optional ``(B, h, N, d)`` added to the result (GroupMixFormer's CRPE).
+        key_mask: optional bool, broadcastable to ``(B, h*d, N)`` (usually ``(B, 1, N)``);
+            False tokens get zero softmax weight. Every image needs at least one True token.
+        bias: optional ``(B, h*d, N)`` added to the result (GroupMixFormer's CRPE).
 
     Returns:
-        ``(B, h, N, d)``.
+        ``(B, h*d, N)``.
     """
-    B, h, N, d = q.shape
+    B, C, N = q.shape
     if key_mask is not None:
         k = k.masked_fill(~key_mask, float('-inf'))
-    weights = k.softmax(dim=-2)  # (B, h, N, d), each channel sums to 1 over the tokens
-    context = weights.transpose(-2, -1) @ v  # (B, h, d, d)
-    q = q.reshape(B * h, N, d)  # (B*h, N, d)
-    context = context.reshape(B * h, d, d)  # (B*h, d, d)
+    weights = k.softmax(dim=-1)  # (B, C, N), each channel sums to 1 over the tokens
+    context = weights @ v.transpose(1, 2)  # (B, C, C), [key channel, value channel]
+    head_dims = C // num_heads
+    head = torch.arange(C, device=q.device) // head_dims  # (C, ) the head of each channel
+    same_head = head[:, None] == head[None, :]  # (C, C), block diagonal
+    context = context.masked_fill(~same_head, 0.).transpose(1, 2)  # (B, C, C), [value, key]
     if bias is None:
-        out = torch.bmm(q, context) * scale  # (B*h, N, d)
-    else:
-        out = torch.baddbmm(bias.reshape(B * h, N, d), q, context, alpha=scale)  # (B*h, N, d)
-    return out.view(B, h, N, d)  # (B, h, N, d)
+        return torch.bmm(context, q) * scale  # (B, C, N)
+    return torch.baddbmm(bias, context, q, alpha=scale)  # (B, C, N)
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,8 +203,14 @@ class SeparableConv2d(nn.Module):
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C_in, H, W)`` -> ``(B, C_out, ceil(H / stride), ceil(W / stride))``."""
-        return self.pointwise(self.depthwise(x))
+        """``(B, C_in, H, W)`` -> ``(B, C_out, ceil(H / stride), ceil(W / stride))``.
+
+        The pointwise conv runs as a matmul on the tokens (the same weights): PyTorch runs a
+        ``1x1`` conv of a channels-last map on its slow path.
+        """
+        x = self.depthwise(x)  # (B, C_in, H', W')
+        tokens = F.linear(nchw_to_nlc(x), self.pointwise.weight.flatten(1))  # (B, H'*W', C_out)
+        return nlc_to_nchw(tokens, x.shape[-2:])  # (B, C_out, H', W')
 
 
 def conv_norm_act(conv: nn.Module, channels: int, norm_cfg: dict,
@@ -226,8 +280,11 @@ class GroupAggregator(nn.Module):
 
     Segment 0 stays token level (norm and act only); segment ``1 + i`` becomes group
     proxies through a separable conv of kernel ``kernel_sizes[i]``, then norm and act.
-    q, k and v arrive stacked on the batch axis, so they share every conv and norm (and,
-    in training mode, BatchNorm's batch statistics), as in the official model.
+    q, k and v share every conv and norm of a segment (and, in training mode, BatchNorm's
+    batch statistics), as in the official model, which stacks them on the batch axis.
+
+    It runs one segment at a time (:meth:`forward`), so that the attention of a segment
+    can follow while its maps are still in cache.
 
     Args:
         segment_dims: channels per segment.
@@ -247,12 +304,44 @@ class GroupAggregator(nn.Module):
                           norm_cfg, act_cfg) for k in kernel_sizes
         ])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(3B, S * s, H, W)`` -> same shape, ``S = 1 + len(kernel_sizes)`` segments."""
-        token, *proxies = x.split(self.segment_dims, dim=1)  # each (3B, s, H, W)
-        outs = [self.token_branch(token)]
-        outs += [branch(seg) for branch, seg in zip(self.proxy_branches, proxies)]
-        return torch.cat(outs, dim=1)  # (3B, S * s, H, W)
+    def forward(self, qkv: torch.Tensor, segment: int, hw: Tuple[int, int]) -> torch.Tensor:
+        """Segment ``segment`` (0: token level, ``1 + i``: proxy ``i``) of q, k and v.
+
+        Args:
+            qkv: ``(B, N, 3 * s)`` tokens, channels ``[q | k | v]`` of the segment.
+            segment: which segment.
+            hw: the map size ``(H, W)``.
+
+        Returns:
+            ``(3, B, s, N)``: q, k and v channels first.
+        """
+        B, N, _ = qkv.shape
+        s = self.segment_dims
+        if segment == 0:
+            branch = self.token_branch
+            stacked = qkv.view(B, N, 3, s).permute(2, 0, 3, 1)  # (3, B, s, N)
+        else:
+            branch = self.proxy_branches[segment - 1]
+            depthwise, pointwise = branch.conv.depthwise, branch.conv.pointwise
+            # One depthwise conv over [q | k | v] (channels-last, as oneDNN runs depthwise
+            # convs fastest), the shared kernel repeated for each of them.
+            kernel = channels_last_kernel(depthwise.weight.repeat(3, 1, 1, 1))  # (3s, 1, k, k)
+            proxies = F.conv2d(nlc_to_nchw(qkv, hw), kernel, padding=depthwise.padding,
+                               groups=3 * s)  # (B, 3s, H, W)
+            proxies = nchw_to_nlc(proxies).view(B, N, 3, s)  # (B, N, 3, s)
+            # The pointwise conv as a batched matmul that also turns the tokens channels
+            # first (a 1x1 conv, or a matmul on the tokens, of so few channels is slow).
+            proxies = proxies.permute(2, 0, 3, 1).reshape(3 * B, s, N)  # (3B, s, N)
+            weight = pointwise.weight.flatten(1)  # (s, s)
+            affine = frozen_bn_affine(branch.norm)
+            if affine is not None:  # a per-channel affine: folded into the matmul
+                scale, shift = affine
+                maps = torch.baddbmm(shift[:, None], (scale[:, None] * weight).expand(
+                    3 * B, s, s), proxies)  # (3B, s, N)
+                return branch.act(maps).view(3, B, s, N)  # (3, B, s, N)
+            stacked = torch.bmm(weight.expand(3 * B, s, s), proxies)  # (3B, s, N)
+        maps = stacked.reshape(3 * B, s, *hw)  # (3B, s, H, W): q, k, v on the batch axis
+        return branch.act(branch.norm(maps)).view(3, B, s, N)  # (3, B, s, N)
 
 
 class LocalBranch(nn.Module):
@@ -271,9 +360,15 @@ class LocalBranch(nn.Module):
         self.norm = nn.LayerNorm(segment_dims, eps=1e-5)
         self.act = build_activation_layer(act_cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3s, H, W)`` -> tokens ``(B, H*W, s)``."""
-        return self.act(self.norm(nchw_to_nlc(self.conv(x))))
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Tokens ``(B, H*W, 3s)`` -> tokens ``(B, H*W, s)``.
+
+        The pointwise conv runs as a matmul on the tokens (the same weights): a ``1x1``
+        conv of few channels is slow on CPU.
+        """
+        x = nchw_to_nlc(self.conv.depthwise(nlc_to_nchw(x, hw)))  # (B, N, 3s)
+        x = F.linear(x, self.conv.pointwise.weight.flatten(1))  # (B, N, s)
+        return self.act(self.norm(x))
 
 
 class ConvRelPosEnc(nn.Module):
@@ -287,20 +382,48 @@ class ConvRelPosEnc(nn.Module):
 
     def __init__(self, head_dims: int, windows: Sequence[Tuple[int, int]]) -> None:
         super().__init__()
+        self.head_dims = head_dims
         self.channel_splits = [heads * head_dims for _, heads in windows]
         self.convs = nn.ModuleList([
             nn.Conv2d(c, c, k, padding=k // 2, groups=c)
             for (k, _), c in zip(windows, self.channel_splits)
         ])
+        #: for each head: (index of its conv, the head's first channel in that conv)
+        self.head_convs = [(i, j * head_dims) for i, (_, heads) in enumerate(windows)
+                           for j in range(heads)]
 
-    def forward(self, q: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int],
+    def kernels(self, heads: range) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The depthwise kernels and biases of consecutive ``heads``, the smaller kernels
+        zero-padded (centred) to the largest: one conv then equals each head's own conv.
+
+        Returns:
+            weight ``(len(heads) * d, 1, k, k)`` and bias ``(len(heads) * d, )``.
+        """
+        d = self.head_dims
+        convs = [(self.convs[i], start) for i, start in (self.head_convs[h] for h in heads)]
+        size = max(conv.kernel_size[0] for conv, _ in convs)
+        # Written into zeros of a known shape (not padded and concatenated), so that tracers
+        # and the ONNX exporter know the kernel's shape.
+        weight = convs[0][0].weight.new_zeros(len(convs) * d, 1, size, size)
+        for n, (conv, start) in enumerate(convs):
+            k = conv.kernel_size[0]
+            pad = (size - k) // 2
+            weight[n * d:(n + 1) * d, :, pad:pad + k, pad:pad + k] = conv.weight[start:start + d]
+        bias = torch.cat([conv.bias[start:start + d] for conv, start in convs])  # (n * d, )
+        return channels_last_kernel(weight), bias
+
+    def forward(self, q: torch.Tensor, v: torch.Tensor, heads: range, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``q, v: (B, h, N, d)`` -> ``(B, h, N, d)``; ``valid``: ``(B, 1, H, W)`` or None."""
-        h = v.shape[1]
-        v = zero_outside(merge_heads_nchw(v, hw), valid)  # (B, h*d, H, W)
-        v = torch.cat([conv(part) for conv, part in
-                       zip(self.convs, v.split(self.channel_splits, dim=1))], dim=1)
-        return q * split_heads_nchw(v, h)  # (B, h, N, d)
+        """The encoding of consecutive ``heads``: ``q, v: (B, len(heads) * d, N)``
+        channels first -> ``(B, len(heads) * d, N)``; ``valid``: ``(B, 1, H, W)`` or None.
+        """
+        B, C, N = v.shape
+        weight, bias = self.kernels(heads)
+        # Channels-last, as oneDNN runs depthwise convs fastest.
+        v = v.reshape(B, C, *hw).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+        v = F.conv2d(zero_outside(v, valid), weight, bias, padding=weight.shape[-1] // 2,
+                     groups=C)  # (B, C, H, W)
+        return q * v.flatten(2)  # (B, C, N)
 
 
 class GroupMixAttention(nn.Module):
@@ -311,7 +434,7 @@ class GroupMixAttention(nn.Module):
     ``d = C' / num_heads`` channels; heads take contiguous channels, so with 8 heads and
     4 attention segments heads 0-1 see tokens, 2-3 the 3x3 proxies, and so on.
 
-    1. ``qkv`` (Linear D -> 3D), q/k/v stacked on the batch axis as maps;
+    1. ``qkv`` (Linear D -> 3D);
     2. attention segments through :class:`GroupAggregator`, the last segment through
        :class:`LocalBranch`;
     3. ``y = scale * q (softmax_N(k)^T v) + crpe(q, v)`` (:func:`factorized_attention`),
@@ -319,6 +442,12 @@ class GroupMixAttention(nn.Module):
        of ``D`` split over the heads, not by ``d`` (for the mini stage 0, ``5 ** -0.5``
        while ``d = 4``);
     4. ``proj(concat(y, local))``.
+
+    The forward runs segment by segment: no head sees two segments, so a segment's
+    aggregation, attention and CRPE need no other segment's maps (the CRPE, which groups
+    the heads differently, gets each segment's heads' kernels, see
+    :meth:`ConvRelPosEnc.kernels`). The ``qkv`` rows are reordered on the fly so that each
+    segment's q, k and v come out side by side; the parameters are the official ones.
 
     Args:
         embed_dims: channels D (a multiple of S, and ``C'`` of ``num_heads``).
@@ -354,6 +483,8 @@ class GroupMixAttention(nn.Module):
                              f'{crpe_heads} heads, but num_heads is {num_heads}')
         self.num_heads = num_heads
         self.head_dims = self.attn_dims // num_heads
+        # num_heads is the CRPE's 8 and C' holds 4 segments: whole heads per segment.
+        self.heads_per_segment = num_heads // (num_segments - 1)
         self.scale = (embed_dims // num_heads)**-0.5
         self.qkv = nn.Linear(embed_dims, 3 * embed_dims)
         self.aggregator = GroupAggregator(self.segment_dims, PROXY_KERNEL_SIZES, norm_cfg,
@@ -372,24 +503,30 @@ class GroupMixAttention(nn.Module):
             valid: ``(B, 1, H, W)`` bool, or None; see :class:`GroupMixFormer`.
         """
         B, N, D = x.shape
-        H, W = hw
-        qkv = self.qkv(x)  # (B, N, 3D), channels [q | k | v]
-        if valid is not None:  # the aggregator's convs must see zeros outside
-            qkv = qkv.masked_fill(~valid.flatten(2).transpose(1, 2), 0.)  # mask (B, N, 1)
-        qkv = qkv.view(B, N, 3, D).permute(2, 0, 1, 3)  # (3, B, N, D)
-        qkv = qkv.reshape(3 * B, N, D).transpose(1, 2).view(3 * B, D, H, W)  # (3B, D, H, W)
-        groups, local = qkv.split([self.attn_dims, self.segment_dims], dim=1)
+        s, S = self.segment_dims, NUM_SEGMENTS
+        # The qkv rows of each segment, [q | k | v]: one dense GEMM output per segment
+        # (no strided slices to copy for the convs), computed when the segment is needed.
+        weights = self.qkv.weight.view(3, S, s, D).unbind(1)  # S x (3, s, D)
+        biases = self.qkv.bias.view(3, S, s).unbind(1)  # S x (3, s)
+        token_mask = None if valid is None else ~valid.view(B, N, 1)  # (B, N, 1)
 
-        # Local branch: the last segment of q, k and v side by side per image.
-        local = local.reshape(3, B, self.segment_dims, H, W).transpose(0, 1)  # (B, 3, s, H, W)
-        local = self.local_branch(local.reshape(B, 3 * self.segment_dims, H, W))  # (B, N, s)
+        def project(segment: int) -> torch.Tensor:  # (B, N, 3s), channels [q | k | v]
+            qkv = F.linear(x, weights[segment].reshape(3 * s, D), biases[segment].flatten())
+            # The aggregator's convs must see zeros outside.
+            return qkv if token_mask is None else qkv.masked_fill(token_mask, 0.)
 
-        groups = split_heads_nchw(self.aggregator(groups), self.num_heads)  # (3B, h, N, d)
-        q, k, v = groups.unflatten(0, (3, B)).unbind(0)  # each (B, h, N, d)
-        key_mask = None if valid is None else valid.reshape(B, 1, N, 1)  # (B, 1, N, 1)
-        y = factorized_attention(q, k, v, self.scale, key_mask=key_mask,
-                                 bias=self.crpe(q, v, hw, valid))  # (B, h, N, d)
-        return self.proj(torch.cat([merge_heads(y), local], dim=-1))  # (B, N, D)
+        key_mask = None if valid is None else valid.view(B, 1, N)  # (B, 1, N)
+        heads = self.heads_per_segment
+        outs = []
+        for i in range(S - 1):
+            q, k, v = self.aggregator(project(i), i, hw).unbind(0)  # each (B, s, N)
+            crpe = self.crpe(q, v, range(i * heads, (i + 1) * heads), hw, valid)  # (B, s, N)
+            y = factorized_attention(q, k, v, heads, self.scale, key_mask=key_mask,
+                                     bias=crpe)  # (B, s, N)
+            outs.append(y)
+        outs.append(self.local_branch(project(S - 1), hw).transpose(1, 2))  # (B, s, N)
+        # Concatenated channels first (contiguous copies); proj reads it transposed.
+        return self.proj(torch.cat(outs, dim=1).transpose(1, 2))  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -436,9 +573,21 @@ class GroupMixBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Tokens ``(B, H*W, D)`` -> ``(B, H*W, D)``; ``valid``: ``(B, 1, H, W)`` or None."""
-        x = x + nchw_to_nlc(self.cpe(zero_outside(nlc_to_nchw(x, hw), valid)))
+        # x + dwconv(x) as one depthwise conv: its kernel with 1 added at the centre.
+        weight = self.cpe.weight + centre_tap(self.cpe.weight)  # (D, 1, 3, 3)
+        x = F.conv2d(zero_outside(nlc_to_nchw(x, hw), valid), channels_last_kernel(weight),
+                     self.cpe.bias, padding=self.cpe.padding, groups=self.cpe.groups)
+        x = nchw_to_nlc(x)  # (B, N, D)
         x = x + self.drop_path(self.attn(self.norm1(x), hw, valid))
-        return x + self.drop_path(self.ffn(self.norm2(x)))
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing():
+            # (a trace would not see the in-place updates of the chunks below)
+            return x + self.drop_path(self.ffn(self.norm2(x)))
+        # Inference: the FFN is per token, so it runs on chunks of tokens added in place;
+        # its hidden activations (4x the tokens) then stay in cache and take no fresh memory.
+        chunk = max(1, FFN_CHUNK_ELEMENTS // self.ffn.fc1.out_features)
+        for tokens in x.split(chunk, dim=1):  # each (B, chunk, D), a view of x
+            tokens += self.ffn(self.norm2(tokens))
+        return x
 
 
 class GroupMixStage(PyramidStage):
