@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmhat.models  # noqa: F401  registers the families
 from mmhat.checkpoint import CheckpointError
+from mmhat.models.backbones import registered_families
 from mmhat.models.backbones.base import PyramidBackbone
 from mmhat.registry import MODELS
 
@@ -28,9 +29,8 @@ ODD_SIZES = [(32, 32), (33, 47), (113, 97), (513, 511)]
 
 
 def families() -> List[type]:
-    """Every backbone family registered in mmhat's registry, by name."""
-    return [cls for _, cls in sorted(MODELS.module_dict.items())
-            if isinstance(cls, type) and issubclass(cls, PyramidBackbone)]
+    """Every backbone family registered in mmhat's registry, in registration order."""
+    return registered_families()
 
 
 def family_ids() -> List[str]:

@@ -4,7 +4,6 @@ promised outputs, rows are planned, paired and reported as documented.
 No timing is asserted (these machines are shared; absolute times mean nothing here), only
 that every number the report promises is there, finite and positive.
 """
-import importlib.util
 import json
 import math
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import tool_module
 from mmhat.utils import benchmark as B
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +20,7 @@ TOOL = ROOT / 'tools' / 'benchmark.py'
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('mmhat_tools_benchmark', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module.load_tool('benchmark')
 
 
 def positive(v) -> bool:

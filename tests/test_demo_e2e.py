@@ -3,7 +3,6 @@
 The slow test runs the real command-line tools in child processes, as a user would, on a
 smaller copy of the toy set and a shorter schedule of ``configs/det/maskrcnn_hatnet_t_toy.py``.
 """
-import importlib.util
 import json
 import os
 import re
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tool_module import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'configs/det/maskrcnn_hatnet_t_toy.py'
@@ -28,11 +29,7 @@ BBOX_MAP_FLOOR = 0.15
 
 def load_generator():
     """``tools/make_toy_coco.py`` as a module (``tools/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location('make_toy_coco',
-                                                  ROOT / 'tools/make_toy_coco.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool('make_toy_coco')
 
 
 def test_toy_coco_is_deterministic_and_valid(tmp_path):

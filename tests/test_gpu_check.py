@@ -1,7 +1,6 @@
 """tools/gpu_check.py, the prepared GPU command, kept from rotting on the CPU: its quick plan
 runs every section (correctness, SDPA kernels, ceiling, inference, training) and writes the
 report, the raw JSON and the plot; and its budget shrinks the plan instead of overrunning."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
+import tool_module
+from mmhat.models.backbones import registered_families
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / 'tools' / 'gpu_check.py'
+FAMILIES = registered_families()
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location('mmhat_tools_gpu_check', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module.load_tool('gpu_check')
 
 
 @pytest.mark.slow
@@ -36,19 +36,19 @@ def test_quick_cpu_run_passes_every_section(tmp_path):
     report = json.loads(out.with_suffix('.json').read_text())
     assert set(report['sections']) == {'environment', 'correctness', 'sdpa', 'ceiling',
                                        'inference', 'training'}
-    families = {'HATNet-tiny', 'TransCNN-tiny', 'ShuntedTransformer-tiny',
-                'GroupMixFormer-mini'}
+    families = {f'{cls.__name__}-{cls.smallest_arch}' for cls in FAMILIES}
     infer = {r['model'] for r in report['inference'] if r['error'] is None}
     assert families | {'Swin-T', 'PVTv2-B2', 'ResNet-50'} <= infer
     assert families <= {r['model'] for r in report['training'] if r['error'] is None}
     assert all(c['passed'] for c in report['checks'])
     checks = {c['name'] for c in report['checks']}
-    for fam in ('HATNet', 'TransCNN', 'ShuntedTransformer', 'GroupMixFormer'):
-        assert f'{fam} equals the official model, float64' in checks
-        assert f'{fam} with_cp gradients == plain' in checks
+    for cls in FAMILIES:
+        assert f'{cls.__name__} equals the official model, float64' in checks
+        assert f'{cls.__name__} with_cp gradients == plain' in checks
     assert report['sdpa'] and {r['family'] for r in report['sdpa']} == {
-        'HATNet', 'TransCNN', 'ShuntedTransformer'}
-    assert len(report['nan_checks']) == 4 and all(n['finite'] for n in report['nan_checks'])
+        cls.__name__ for cls in FAMILIES if cls.fused_attention}
+    assert len(report['nan_checks']) == len(FAMILIES)
+    assert all(n['finite'] for n in report['nan_checks'])
     md = out.read_text()
     assert '## Checks' in md and '## SDPA kernels' in md and '## Training step' in md
     assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

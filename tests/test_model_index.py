@@ -4,7 +4,6 @@ each entry as its config says, the numbers as the FLOP counter measures them, th
 claims backed by the contract tests, and the committed files as ``tools/model_index.py`` writes
 them. Each config is loaded and each (type, arch) measured once, by the tool's caches."""
 import collections
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 
 import backbone_contract as contract
 import reference as R
+from tool_module import load_tool
 from mmhat.models.backbones.base import PyramidBackbone
 from mmhat.registry import MODELS
 
@@ -22,14 +22,7 @@ CONFIGS = sorted(p.relative_to(ROOT).as_posix()
                  for group in ('det', 'seg') for p in (ROOT / 'configs' / group).glob('*.py'))
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('model_index', ROOT / 'tools' / 'model_index.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = _load_tool()  # one instance: its loaded configs and measurements serve every test here
+TOOL = load_tool('model_index')  # one instance: its loaded configs and measurements serve every test here
 
 
 @pytest.fixture(scope='module')
@@ -191,7 +184,7 @@ def test_a_family_without_collection_data_is_a_clear_error(capsys):
     finally:
         MODELS._module_dict.pop('Undocumented')
     err = capsys.readouterr().err
-    assert "Undocumented ('undocumented')" in err and 'COLLECTIONS' in err
+    assert "Undocumented ('undocumented')" in err and 'publication = Publication(' in err
 
 
 def test_page_links_resolve_and_name_no_machine_paths():

@@ -169,10 +169,8 @@ def smallest(cls, device: str, **kwargs) -> torch.nn.Module:
 
 def families() -> List[type]:
     import mmhat.models  # noqa: F401
-    from mmhat.models.backbones.base import PyramidBackbone
-    from mmhat.registry import MODELS
-    return [cls for _, cls in sorted(MODELS.module_dict.items())
-            if isinstance(cls, type) and issubclass(cls, PyramidBackbone)]
+    from mmhat.models.backbones import registered_families
+    return registered_families()
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ Everything is read from where the project states it once:
 * what is verified: the reference data that ``tests/test_backbones/test_contract.py`` holds each
   family to (a manifest of the official model per variant, an output case for the smallest).
 
-The one table typed here, :data:`COLLECTIONS`, has what no code of a family states: its paper,
-the authors' repository and where the authors publish their ImageNet checkpoints.
+* the paper, the authors' code and where they publish their ImageNet checkpoints: each
+  family's ``publication`` (:class:`mmhat.models.backbones.base.Publication`).
 
 Exit status: 0 written / up to date, 1 stale (``--check``), 2 a config or family the zoo cannot
 describe (the message names it).
@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 import mmhat.models  # noqa: E402,F401  registers the families
+from mmhat.models.backbones import registered_families  # noqa: E402
 from mmhat.models.backbones.base import PyramidBackbone  # noqa: E402
 from mmhat.registry import MODELS  # noqa: E402
 from mmhat.utils.flops import backbone_flops  # noqa: E402
@@ -51,57 +52,6 @@ INDEX = 'model-index.yml'
 ZOO_PAGE = 'docs/model_zoo.md'
 #: decimals of the parameter (M) and GFLOP counts written
 DIGITS = 3
-
-#: Per family (key: its ``reference_name``), what no code of the family states. Kept here, not
-#: in the metafiles as hand-written headers, so that every generated file is generated whole
-#: (``--check`` is a plain comparison, one source per fact); it would sit best beside the
-#: family's other facts as class attributes, and moves there with no change to the output.
-#: ``published``: where the authors publish the ImageNet checkpoints that ``init_cfg`` names.
-COLLECTIONS: Dict[str, Dict[str, str]] = {
-    'hatnet': dict(
-        name='HAT-Net',
-        paper='Vision Transformers with Hierarchical Attention',
-        paper_url='https://arxiv.org/abs/2106.03180',
-        venue='Machine Intelligence Research 2024',
-        code='https://github.com/yun-liu/HAT-Net',
-        code_file='HAT_Net.py',
-        code_commit='8f72ce41761b8a2715dc3b18788a8234b91bea1f',
-        published='GitHub release v2.0 of yun-liu/HAT-Net (the configs download it from there); '
-                  'also Google Drive, linked in its README'),
-    'transcnn': dict(
-        name='TransCNN',
-        paper='Transformer in Convolutional Neural Networks',
-        paper_url='https://arxiv.org/abs/2106.03180v2',
-        venue='arXiv 2021, the first version of the HAT-Net paper',
-        code='https://github.com/yun-liu/HAT-Net',
-        code_file='TransCNN.py',
-        code_commit='0bd7463ed11177b01b5fb59946537bc8d0c635cb',
-        published='GitHub release v1.0 of yun-liu/TransCNN, the repository now named '
-                  'yun-liu/HAT-Net (the configs download it from there); also Google Drive, '
-                  'linked in its README at that commit'),
-    'shunted': dict(
-        name='Shunted Transformer',
-        paper='Shunted Self-Attention via Multi-Scale Token Aggregation',
-        paper_url='https://arxiv.org/abs/2111.15193',
-        venue='CVPR 2022',
-        code='https://github.com/OliverRensu/Shunted-Transformer',
-        code_file='SSA.py',
-        code_commit='6861101d8f4f592da79f84294f015e1e6b150351',
-        published='Google Drive and Baidu Pan (code hazr) folders linked in the '
-                  'OliverRensu/Shunted-Transformer README; no direct URL: download by hand to '
-                  'the path the config names'),
-    'groupmixformer': dict(
-        name='GroupMixFormer',
-        paper='Advancing Vision Transformers with Group-Mix Attention',
-        paper_url='https://arxiv.org/abs/2311.15157',
-        venue='arXiv 2023',
-        code='https://github.com/AILab-CVC/GroupMixFormer',
-        code_file='models/groupmixformer.py',
-        code_commit='3d3f40977c6aa9f5d9eb3d6ffb53cc9c648cf7b2',
-        published='OneDrive folders linked in the AILab-CVC/GroupMixFormer README (it links the '
-                  'mini folder for large too); no direct URL: download by hand to the path the '
-                  'config names'),
-}
 
 #: the detector or segmentor, by the type that makes it one: mmdet's model type, or for
 #: mmseg's ``EncoderDecoder`` its decode head
@@ -141,18 +91,15 @@ class ZooError(ValueError):
 
 # --------------------------------------------------------------------------- reading
 def families() -> List[type]:
-    """The registered backbone families, in :data:`COLLECTIONS` order."""
-    found = {cls.reference_name: cls for cls in MODELS.module_dict.values()
-             if isinstance(cls, type) and issubclass(cls, PyramidBackbone)}
-    missing, unknown = sorted(set(found) - set(COLLECTIONS)), sorted(set(COLLECTIONS) - set(found))
-    if missing:
-        raise ZooError(f'registered families without a COLLECTIONS entry in tools/model_index.py '
-                       f'(paper, official code, where its checkpoints are published): '
-                       f'{", ".join(f"{found[n].__name__} ({n!r})" for n in missing)}')
-    if unknown:
-        raise ZooError(f'COLLECTIONS in tools/model_index.py names families that are not '
-                       f'registered: {unknown}')
-    return [found[name] for name in COLLECTIONS]
+    """The registered backbone families, in registration order (``mmhat.models.backbones``)."""
+    found = registered_families()
+    undocumented = [cls for cls in found if cls.publication is None]
+    if undocumented:
+        raise ZooError(f'registered families without a publication (class attribute '
+                       f'`publication = Publication(...)`: paper, official code, where its '
+                       f'checkpoints are published): '
+                       f'{", ".join(f"{c.__name__} ({c.reference_name!r})" for c in undocumented)}')
+    return found
 
 
 def _memoized(fn):
@@ -300,27 +247,26 @@ def zoo() -> Dict[str, List[Dict[str, Any]]]:
 
 # --------------------------------------------------------------------------- metafiles
 def collection_entry(cls: type) -> Dict[str, Any]:
-    c = COLLECTIONS[cls.reference_name]
+    c = cls.publication
     return {
-        'Name': c['name'],
+        'Name': c.name,
         'Metadata': {
             'Backbone Type': f'mmhat.{cls.__name__}',
             'Variants': list(cls.arch_zoo),
             'ImageNet Size': cls.pretrain_size,
             'Implementation': cls.__module__.replace('.', '/') + '.py',
-            'Checkpoints Published': c['published'],
+            'Checkpoints Published': c.published,
         },
-        'Paper': {'Title': c['paper'], 'URL': c['paper_url']},
+        'Paper': {'Title': c.paper, 'URL': c.paper_url},
         'README': ZOO_PAGE,
-        'Code': {'URL': f'{c["code"]}/blob/{c["code_commit"]}/{c["code_file"]}',
-                 'Version': c['code_commit']},
+        'Code': {'URL': f'{c.code}/blob/{c.code_commit}/{c.code_file}', 'Version': c.code_commit},
     }
 
 
 def model_entry(info: Dict[str, Any]) -> Dict[str, Any]:
     cls, data = info['cls'], info['data']
     flops = measure(info['type'], info['arch'])
-    published = (COLLECTIONS[cls.reference_name]['published'] if info['checkpoint'] else
+    published = (cls.publication.published if info['checkpoint'] else
                  'none: the backbone trains from scratch (init_cfg=None)')
     metadata = {
         'Task': list(info['results']),
@@ -348,7 +294,7 @@ def model_entry(info: Dict[str, Any]) -> Dict[str, Any]:
                          f'model')
     return {
         'Name': info['name'],
-        'In Collection': COLLECTIONS[cls.reference_name]['name'],
+        'In Collection': cls.publication.name,
         'Config': info['path'],
         'Metadata': metadata,
         'Results': [{'Task': task, 'Dataset': data['name'], 'Metrics': dict.fromkeys(metrics)}
@@ -394,7 +340,7 @@ def block_backbones() -> str:
 def block_checkpoints() -> str:
     lines = ['| backbone | where the authors publish the ImageNet checkpoints |', '|---|---|']
     for cls in families():
-        lines.append(f'| `mmhat.{cls.__name__}` | {COLLECTIONS[cls.reference_name]["published"]} |')
+        lines.append(f'| `mmhat.{cls.__name__}` | {cls.publication.published} |')
     lines += ['', '| backbone | variant | checkpoint (`model.backbone.init_cfg.checkpoint`) | '
               'configs |', '|---|---|---|---|']
     for cls in families():
@@ -414,11 +360,11 @@ def block_configs() -> str:
     total = sum(len(infos) for infos in zoo().values())
     lines = [f'{total} configs, {len(families())} families.']
     for cls in families():
-        c = COLLECTIONS[cls.reference_name]
-        lines += ['', f'### {c["name"]}', '',
-                  f'{_link(c["paper"], c["paper_url"])} ({c["venue"]}). Official code: '
-                  f'{_link(c["code"].split("github.com/")[1], c["code"])} `{c["code_file"]}` at '
-                  f'`{c["code_commit"][:7]}`. Backbone `mmhat.{cls.__name__}` '
+        c = cls.publication
+        lines += ['', f'### {c.name}', '',
+                  f'{_link(c.paper, c.paper_url)} ({c.venue}). Official code: '
+                  f'{_link(c.code.split("github.com/")[1], c.code)} `{c.code_file}` at '
+                  f'`{c.code_commit[:7]}`. Backbone `mmhat.{cls.__name__}` '
                   f'(`{collection_entry(cls)["Metadata"]["Implementation"]}`), variants '
                   f'{", ".join(f"`{a}`" for a in cls.arch_zoo)}; metafile '
                   f'`{metafile_path(cls)}`.', '',

@@ -422,12 +422,10 @@ def predicted_backend(call: AttentionCall,
 # The families' calls
 # ---------------------------------------------------------------------------------------
 def registered_families() -> List[Type]:
-    """The :class:`~mmhat.models.backbones.base.PyramidBackbone` classes in mmhat's registry."""
-    import mmhat.models  # noqa: F401  (registers the backbones)
-    from mmhat.models.backbones.base import PyramidBackbone
-    from mmhat.registry import MODELS
-    return [cls for _, cls in sorted(MODELS.module_dict.items())
-            if isinstance(cls, type) and issubclass(cls, PyramidBackbone)]
+    """:func:`mmhat.models.backbones.registered_families`, imported when first needed (this
+    module is imported by the backbones' attention layer)."""
+    from mmhat.models.backbones import registered_families as families
+    return families()
 
 
 def record_family_calls(cls: Type,

@@ -19,13 +19,15 @@ A family (one file in this folder) supplies its parts and declares its facts:
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
   ``fused_attention``, ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``,
-  ``position_encoding_keys``, ``internal_padding``.
+  ``position_encoding_keys``, ``internal_padding``, and ``publication`` (a :class:`Publication`:
+  the paper, the authors' code and where they publish checkpoints, read by the model index).
 
 A family's own constructor options (e.g. ``fused_attn``) are stored as attributes before it
 calls ``super().__init__()``, which builds the network by calling the two builders.
 ``docs/adding_a_family.md`` walks through a complete example.
 """
 import contextlib
+import dataclasses
 import functools
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -52,6 +54,22 @@ FOREIGN_BACKBONE_ARGS = frozenset({
     'convert_weights', 'mlp_ratio', 'num_layers', 'paddings', 'patch_sizes', 'use_conv_ffn',
     'pretrain_img_size', 'in_channels', 'layer_cfgs', 'out_channels', 'with_cls_token',
 })
+
+
+@dataclasses.dataclass(frozen=True)
+class Publication:
+    """Where a family comes from, as the model index (``tools/model_index.py``) states it."""
+    #: the family's display name (the metafile's ``Collection``)
+    name: str
+    paper: str
+    paper_url: str
+    venue: str
+    #: the authors' repository, the file of the model in it and the commit read
+    code: str
+    code_file: str
+    code_commit: str
+    #: where the authors publish the ImageNet checkpoints that the configs' ``init_cfg`` names
+    published: str
 
 
 #: The conv weight layout the families run fastest with, per device type, where
@@ -156,6 +174,8 @@ class PyramidBackbone(BaseModule):
     #: name fragments of the family's position-encoding parameters, which the configs exempt
     #: from weight decay (``paramwise_cfg.custom_keys``)
     position_encoding_keys: Tuple[str, ...] = ()
+    #: the paper and the official code (None: not documented; the model index refuses it)
+    publication: Optional[Publication] = None
     #: image channels; the stems are built for RGB, as the official checkpoints
     in_channels: int = 3
     #: the smallest input side the network takes

@@ -33,7 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmhat.registry import MODELS
 from ..layers import drop_path, nchw_to_nlc, nlc_to_nchw
-from .base import PyramidBackbone, PyramidStage
+from .base import Publication, PyramidBackbone, PyramidStage
 
 #: Kernel sizes of the group proxies: segment ``1 + i`` of q/k/v is aggregated by a
 #: depthwise-separable conv of kernel ``PROXY_KERNEL_SIZES[i]``. Segment 0 is not
@@ -676,6 +676,17 @@ class GroupMixFormer(PyramidBackbone):
     smallest_arch, base_size_arch = 'mini', 'base'
     default_act_cfg = dict(type='HSwish')
     reference_name = 'groupmixformer'
+    publication = Publication(
+        name='GroupMixFormer',
+        paper='Advancing Vision Transformers with Group-Mix Attention',
+        paper_url='https://arxiv.org/abs/2311.15157',
+        venue='arXiv 2023',
+        code='https://github.com/AILab-CVC/GroupMixFormer',
+        code_file='models/groupmixformer.py',
+        code_commit='3d3f40977c6aa9f5d9eb3d6ffb53cc9c648cf7b2',
+        published='OneDrive folders linked in the AILab-CVC/GroupMixFormer README (it links the '
+                  'mini folder for large too); no direct URL: download by hand to the path the '
+                  'config names')
     position_encoding_keys = ('.cpe.', '.crpe.')  # the convolutional (relative) position encodings
 
     def __init__(self, arch: Union[str, dict, None] = None, *,

@@ -31,7 +31,7 @@ from torch import nn
 from mmhat.registry import MODELS
 from ..layers import (attention, drop_path, head_dims, merge_heads_nchw, pad_amounts,
                       split_heads_nchw, use_fused_attn, window_attention)
-from .base import PyramidBackbone, PyramidStage
+from .base import Publication, PyramidBackbone, PyramidStage
 
 
 # ---------------------------------------------------------------------------------------
@@ -224,6 +224,16 @@ class HATNet(PyramidBackbone):
     default_norm_cfg = dict(type='GN', num_groups=1, eps=1e-6)
     default_act_cfg = dict(type='SiLU')
     reference_name = 'hatnet'
+    publication = Publication(
+        name='HAT-Net',
+        paper='Vision Transformers with Hierarchical Attention',
+        paper_url='https://arxiv.org/abs/2106.03180',
+        venue='Machine Intelligence Research 2024',
+        code='https://github.com/yun-liu/HAT-Net',
+        code_file='HAT_Net.py',
+        code_commit='8f72ce41761b8a2715dc3b18788a8234b91bea1f',
+        published='GitHub release v2.0 of yun-liu/HAT-Net (the configs download it from there); '
+                  'also Google Drive, linked in its README')
     #: where the inverted residual normalises (see :class:`InvertedResidual`)
     ffn_pre_norm, ffn_inner_norms = True, False
 

@@ -26,7 +26,7 @@ from torch import nn
 from mmhat.registry import MODELS
 from ..layers import (attention, drop_path, head_dims, merge_heads, nchw_to_nlc, nlc_to_nchw,
                       pad_amounts, pad_bottom_right, split_heads, use_fused_attn)
-from .base import PyramidBackbone, PyramidStage
+from .base import Publication, PyramidBackbone, PyramidStage
 
 # The official LayerNorm eps values: ``partial(nn.LayerNorm, eps=1e-6)`` for the block and
 # stage-output norms, PyTorch's default 1e-5 for the patch embeddings and the key/value
@@ -327,6 +327,17 @@ class ShuntedTransformer(PyramidBackbone):
     fused_attention = True
     internal_padding = True
     reference_name = 'shunted'
+    publication = Publication(
+        name='Shunted Transformer',
+        paper='Shunted Self-Attention via Multi-Scale Token Aggregation',
+        paper_url='https://arxiv.org/abs/2111.15193',
+        venue='CVPR 2022',
+        code='https://github.com/OliverRensu/Shunted-Transformer',
+        code_file='SSA.py',
+        code_commit='6861101d8f4f592da79f84294f015e1e6b150351',
+        published='Google Drive and Baidu Pan (code hazr) folders linked in the '
+                  'OliverRensu/Shunted-Transformer README; no direct URL: download by hand to '
+                  'the path the config names')
 
     def __init__(self, arch: Union[str, dict, None] = None, *, fused_attn: Optional[bool] = None,
                  **kwargs) -> None:

@@ -16,6 +16,7 @@ from mmcv.cnn import build_activation_layer, build_norm_layer
 from torch import nn
 
 from mmhat.registry import MODELS
+from .base import Publication
 from .hatnet import HATNet
 
 
@@ -58,6 +59,17 @@ class TransCNN(HATNet):
     pretrain_size = 256
     default_norm_cfg = dict(type='BN')
     reference_name = 'transcnn'
+    publication = Publication(
+        name='TransCNN',
+        paper='Transformer in Convolutional Neural Networks',
+        paper_url='https://arxiv.org/abs/2106.03180v2',
+        venue='arXiv 2021, the first version of the HAT-Net paper',
+        code='https://github.com/yun-liu/HAT-Net',
+        code_file='TransCNN.py',
+        code_commit='0bd7463ed11177b01b5fb59946537bc8d0c635cb',
+        published='GitHub release v1.0 of yun-liu/TransCNN, the repository now named '
+                  'yun-liu/HAT-Net (the configs download it from there); also Google Drive, '
+                  'linked in its README at that commit')
     ffn_pre_norm, ffn_inner_norms = False, True
 
     def build_downsample(self, in_dims: int, out_dims: int) -> nn.Module:
