@@ -7,13 +7,14 @@
 #   KEEP_TORCH=1               keep the torch already installed for $(PYTHON) (e.g. a CUDA build)
 #   MMHAT_WHEELHOUSE=DIR       folder holding a prebuilt mmcv-2.1.0 wheel for your torch
 #   MMHAT_CACHE=DIR            cache of built wheels (default ~/.cache/mmhat)
+#   TORCH_INDEX_URL=URL        extra index for torch (https://download.pytorch.org/whl/cpu: CPU build)
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmhat-installed
 PYTEST_ARGS ?=
 
-export PYTHON VENV KEEP_TORCH MMHAT_WHEELHOUSE MMHAT_CACHE
+export PYTHON VENV KEEP_TORCH MMHAT_WHEELHOUSE MMHAT_CACHE TORCH_INDEX_URL
 # 2-core machines: OpenMP spin-waiting makes concurrent torch jobs ~100x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONWARNINGS ?= ignore:pkg_resources is deprecated:UserWarning

@@ -169,7 +169,7 @@ def test_onnx_dynamic_hw_from_an_unpadded_size(family, tmp_path):
     pad there and is wrong at sizes that need one (200x264). GroupMixFormer never pads.
 
     If this starts failing for a padding family, the pads became trace-friendly: update
-    this test and the README's deployment notes."""
+    this test and the deployment notes in docs/verification.md."""
     model = build(family)
     with attention_path(fused=False):
         path = export_onnx(model, image(224, 224), tmp_path / 'model.onnx', dynamic_hw=True)

@@ -1,7 +1,7 @@
 """Predict on images with any mmhat config and checkpoint, and draw the result.
 
     python tools/demo.py CONFIG CHECKPOINT INPUT [--out-dir outputs/demo] [--score-thr 0.3]
-        [--device cpu|cuda] [--data-root DIR]
+        [--device cpu|cuda]
 
 INPUT is an image or a folder of images. Detection configs (mmdet) are drawn with boxes
 and masks, segmentation configs (mmseg) as a class overlay; one PNG per input goes to

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the pinned stack (see README "Install").
+# Creates .venv and installs the pinned stack (see docs/get_started.md, "Install details").
 #
 # Environment:
 #   PYTHON            interpreter for the venv (default: python3.11)
@@ -8,6 +8,8 @@
 #                     sees the interpreter's site-packages and torch is not installed
 #   MMHAT_WHEELHOUSE  optional folder with a prebuilt mmcv-2.1.0 wheel for this torch
 #   MMHAT_CACHE       where built wheels are cached (default: ~/.cache/mmhat)
+#   TORCH_INDEX_URL   an extra index to take torch from, e.g. https://download.pytorch.org/whl/cpu
+#                     for the CPU build (plain PyPI serves the CUDA build on Linux x86_64)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3.11}
@@ -16,6 +18,8 @@ KEEP_TORCH=${KEEP_TORCH:-0}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 MMHAT_CACHE=${MMHAT_CACHE:-$HOME/.cache/mmhat}
 MMCV_VERSION=2.1.0
+TORCH_INDEX=()
+[ -n "${TORCH_INDEX_URL:-}" ] && TORCH_INDEX=(--extra-index-url "$TORCH_INDEX_URL")
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -51,7 +55,7 @@ log "build tools and torch"
 if [ "$KEEP_TORCH" = 1 ]; then
   "${PIP[@]}" 'setuptools>=77,<81' wheel ninja numpy
 else
-  "${PIP[@]}" "torch==$TORCH_VERSION" 'setuptools>=77,<81' wheel ninja numpy
+  "${PIP[@]}" ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "torch==$TORCH_VERSION" 'setuptools>=77,<81' wheel ninja numpy
 fi
 
 have_ops() { "$PY" -c 'from mmcv.ops import nms, RoIAlign' >/dev/null 2>&1; }

@@ -1,5 +1,5 @@
 # GroupMixFormer-B with the authors' ImageNet checkpoint, published only on OneDrive:
-# download it to checkpoints/groupmixformer_b.pth (README: "Model zoo"). groupmixformer_s.py
+# download it to checkpoints/groupmixformer_b.pth (docs/model_zoo.md, "Checkpoints"). groupmixformer_s.py
 # with the base arch, its checkpoint, drop path and channels.
 _base_ = './groupmixformer_s.py'
 backbone = dict(

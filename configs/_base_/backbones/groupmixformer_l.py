@@ -1,5 +1,5 @@
 # GroupMixFormer-L with the authors' ImageNet checkpoint, published only on OneDrive:
-# download it to checkpoints/groupmixformer_l.pth (README: "Model zoo"). groupmixformer_s.py
+# download it to checkpoints/groupmixformer_l.pth (docs/model_zoo.md, "Checkpoints"). groupmixformer_s.py
 # with the large arch, its checkpoint, drop path and channels.
 # The authors' README links the same OneDrive folder for M and L: check that the file you
 # download is the large one (another variant's checkpoint fails to load, naming the keys).

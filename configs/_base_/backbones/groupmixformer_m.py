@@ -1,5 +1,5 @@
 # GroupMixFormer-M with the authors' ImageNet checkpoint, published only on OneDrive:
-# download it to checkpoints/groupmixformer_m.pth (README: "Model zoo"). groupmixformer_s.py
+# download it to checkpoints/groupmixformer_m.pth (docs/model_zoo.md, "Checkpoints"). groupmixformer_s.py
 # with the mini arch, its checkpoint, drop path and channels.
 # The authors' README links the same OneDrive folder for M and L: check that the file you
 # download is the mini one (another variant's checkpoint fails to load, naming the keys).

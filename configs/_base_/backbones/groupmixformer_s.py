@@ -1,5 +1,5 @@
 # GroupMixFormer-S with the authors' ImageNet checkpoint, published only on OneDrive:
-# download it to checkpoints/groupmixformer_s.pth (README: "Model zoo").
+# download it to checkpoints/groupmixformer_s.pth (docs/model_zoo.md, "Checkpoints").
 # The backbone of every *_groupmixformer_s_* config, used as
 #   model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))
 #   optim_wrapper = dict(paramwise_cfg=dict(custom_keys={{_base_.custom_keys}}))

@@ -1,5 +1,5 @@
 # Shunted-B with the authors' ImageNet checkpoint, published only on Google Drive / Baidu Pan:
-# download it to checkpoints/shunted_b.pth (README: "Model zoo"). shunted_s.py with the base
+# download it to checkpoints/shunted_b.pth (docs/model_zoo.md, "Checkpoints"). shunted_s.py with the base
 # arch, its checkpoint and drop path (the channels are those of S).
 _base_ = './shunted_s.py'
 backbone = dict(

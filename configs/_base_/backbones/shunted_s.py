@@ -1,5 +1,5 @@
 # Shunted-S with the authors' ImageNet checkpoint, published only on Google Drive / Baidu Pan:
-# download it to checkpoints/shunted_s.pth (README: "Model zoo").
+# download it to checkpoints/shunted_s.pth (docs/model_zoo.md, "Checkpoints").
 # The backbone of every *_shunted_s_* config, used as
 #   model = dict(backbone={{_base_.backbone}}, neck=dict(in_channels={{_base_.backbone_channels}}))
 # shunted_{t,b}.py inherit this file and change only arch, checkpoint, drop path, channels.

@@ -1,5 +1,5 @@
 # Shunted-T with the authors' ImageNet checkpoint, published only on Google Drive / Baidu Pan:
-# download it to checkpoints/shunted_t.pth (README: "Model zoo"). shunted_s.py with the tiny
+# download it to checkpoints/shunted_t.pth (docs/model_zoo.md, "Checkpoints"). shunted_s.py with the tiny
 # arch, its checkpoint and drop path (the channels are those of S).
 _base_ = './shunted_s.py'
 backbone = dict(

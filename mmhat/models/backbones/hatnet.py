@@ -10,7 +10,8 @@ implementation; equality with the official model is proven by
 The same code serves TransCNN, the paper's first version (``transcnn.py`` only swaps the
 norm, the downsampling block and the inverted residual's norm placement).
 
-Dense prediction (what differs from the official classifier, see README "Any input size"):
+Dense prediction (what differs from the official classifier; docs/verification.md, "Any input
+size"):
 the official grid attention needs every stage map to be a multiple of its grid size G,
 i.e. inputs that are multiples of 224. Here each H-MHSA pads its q/k/v (after the norms,
 so normalisation statistics never see padding) to a multiple of G, masks padded keys in
