@@ -8,11 +8,14 @@
 #   MMHAT_WHEELHOUSE=DIR       folder holding a prebuilt mmcv-2.1.0 wheel for your torch
 #   MMHAT_CACHE=DIR            cache of built wheels (default ~/.cache/mmhat)
 #   TORCH_INDEX_URL=URL        extra index for torch (https://download.pytorch.org/whl/cpu: CPU build)
+# Test knobs: TEST_WORKERS=2 (test processes; 0: one), PYTEST_ARGS='-k ...'
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmhat-installed
 PYTEST_ARGS ?=
+# make test: test files spread over this many processes, one torch thread each (0: one process)
+TEST_WORKERS ?= 2
 
 export PYTHON VENV KEEP_TORCH MMHAT_WHEELHOUSE MMHAT_CACHE TORCH_INDEX_URL
 # 2-core machines: OpenMP spin-waiting makes concurrent torch jobs ~100x slower.
@@ -30,11 +33,13 @@ $(STAMP): setup.py requirements/constraints.txt requirements/runtime.txt require
 demo: $(STAMP)
 	$(PY) tools/demo_toy.py
 
+XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) work_dirs .pytest_cache
