@@ -19,7 +19,6 @@ import mmhat.models  # noqa: F401  registers the families
 from mmhat.checkpoint import CheckpointError
 from mmhat.models.backbones import registered_families
 from mmhat.models.backbones.base import PyramidBackbone
-from mmhat.registry import MODELS
 
 #: the checkpoint layouts a backbone must load (see mmhat.checkpoint.extract_state_dict)
 WRAPS = ['model', 'model_with_args', 'state_dict', 'module_prefix', 'backbone_prefix',

@@ -19,3 +19,10 @@ def num_threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first (the order within each group kept): ``make test``
+    hands whole files to its processes in collection order, and a long file handed out last
+    would run alone at the end while the other process waits."""
+    items.sort(key=lambda item: item.get_closest_marker('slow') is None)

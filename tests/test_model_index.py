@@ -187,6 +187,17 @@ def test_a_family_without_collection_data_is_a_clear_error(capsys):
     assert "Undocumented ('undocumented')" in err and 'publication = Publication(' in err
 
 
+def test_a_publication_names_the_official_file_at_a_commit():
+    from mmhat.models.backbones.base import Publication
+    args = ('Net', 'A paper', 'Venue 2026', 'https://arxiv.org/abs/0000.00000')
+    pub = Publication(*args, code='https://github.com/o/r/blob/' + 'a' * 40 + '/models/net.py',
+                      published='nowhere')
+    assert (pub.repository, pub.commit, pub.file) == ('https://github.com/o/r', 'a' * 40,
+                                                       'models/net.py')
+    with pytest.raises(ValueError, match='must be a GitHub file at a commit'):
+        Publication(*args, code='https://github.com/o/r', published='nowhere')
+
+
 def test_page_links_resolve_and_name_no_machine_paths():
     page = (ROOT / 'docs' / 'model_zoo.md').read_text()
     targets = re.findall(r'\]\((\.\./[^)#]+)', page)

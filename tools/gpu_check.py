@@ -45,7 +45,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 warnings.filterwarnings('ignore')

@@ -259,7 +259,7 @@ def collection_entry(cls: type) -> Dict[str, Any]:
         },
         'Paper': {'Title': c.paper, 'URL': c.paper_url},
         'README': ZOO_PAGE,
-        'Code': {'URL': f'{c.code}/blob/{c.code_commit}/{c.code_file}', 'Version': c.code_commit},
+        'Code': {'URL': c.code, 'Version': c.commit},
     }
 
 
@@ -363,8 +363,8 @@ def block_configs() -> str:
         c = cls.publication
         lines += ['', f'### {c.name}', '',
                   f'{_link(c.paper, c.paper_url)} ({c.venue}). Official code: '
-                  f'{_link(c.code.split("github.com/")[1], c.code)} `{c.code_file}` at '
-                  f'`{c.code_commit[:7]}`. Backbone `mmhat.{cls.__name__}` '
+                  f'{_link(c.repository.split("github.com/")[1], c.repository)} `{c.file}` at '
+                  f'`{c.commit[:7]}`. Backbone `mmhat.{cls.__name__}` '
                   f'(`{collection_entry(cls)["Metadata"]["Implementation"]}`), variants '
                   f'{", ".join(f"`{a}`" for a in cls.arch_zoo)}; metafile '
                   f'`{metafile_path(cls)}`.', '',

@@ -29,6 +29,7 @@ calls ``super().__init__()``, which builds the network by calling the two builde
 import contextlib
 import dataclasses
 import functools
+import re
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -62,14 +63,35 @@ class Publication:
     #: the family's display name (the metafile's ``Collection``)
     name: str
     paper: str
-    paper_url: str
     venue: str
-    #: the authors' repository, the file of the model in it and the commit read
+    paper_url: str
+    #: the official model's file at the commit read,
+    #: ``https://github.com/<owner>/<repo>/blob/<40-hex sha>/<path>``
     code: str
-    code_file: str
-    code_commit: str
     #: where the authors publish the ImageNet checkpoints that the configs' ``init_cfg`` names
     published: str
+
+    def __post_init__(self):
+        if not _GITHUB_BLOB.fullmatch(self.code):
+            raise ValueError(f'Publication.code of {self.name} must be a GitHub file at a commit, '
+                             f'https://github.com/<owner>/<repo>/blob/<40-hex sha>/<path>; got '
+                             f'{self.code!r}')
+
+    @property
+    def repository(self) -> str:
+        return _GITHUB_BLOB.fullmatch(self.code)['repo']
+
+    @property
+    def commit(self) -> str:
+        return _GITHUB_BLOB.fullmatch(self.code)['sha']
+
+    @property
+    def file(self) -> str:
+        return _GITHUB_BLOB.fullmatch(self.code)['path']
+
+
+_GITHUB_BLOB = re.compile(r'(?P<repo>https://github\.com/[^/]+/[^/]+)/blob/(?P<sha>[0-9a-f]{40})/'
+                          r'(?P<path>.+)')
 
 
 #: The conv weight layout the families run fastest with, per device type, where

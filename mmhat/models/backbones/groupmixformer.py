@@ -663,6 +663,10 @@ class GroupMixFormer(PyramidBackbone):
 
     Input: ``(B, 3, H, W)``; output: tuple of ``(B, C_i, H_i, W_i)``.
     """
+    publication = Publication(  # paper, official code at the commit read, checkpoints
+        'GroupMixFormer', 'Advancing Vision Transformers with Group-Mix Attention', 'arXiv 2023', 'https://arxiv.org/abs/2311.15157',  # noqa: E501
+        code='https://github.com/AILab-CVC/GroupMixFormer/blob/3d3f40977c6aa9f5d9eb3d6ffb53cc9c648cf7b2/models/groupmixformer.py',  # noqa: E501
+        published='OneDrive folders linked in the AILab-CVC/GroupMixFormer README (it links the mini folder for large too); no direct URL: download by hand to the path the config names')  # noqa: E501
     arch_zoo = {
         # The official configs/groupmixformer_{miny,tiny,small,base,large}.yaml; 8 heads and
         # qkv bias everywhere (config.py). stem_channels: the stem's first conv (D0 / 2).
@@ -676,17 +680,6 @@ class GroupMixFormer(PyramidBackbone):
     smallest_arch, base_size_arch = 'mini', 'base'
     default_act_cfg = dict(type='HSwish')
     reference_name = 'groupmixformer'
-    publication = Publication(
-        name='GroupMixFormer',
-        paper='Advancing Vision Transformers with Group-Mix Attention',
-        paper_url='https://arxiv.org/abs/2311.15157',
-        venue='arXiv 2023',
-        code='https://github.com/AILab-CVC/GroupMixFormer',
-        code_file='models/groupmixformer.py',
-        code_commit='3d3f40977c6aa9f5d9eb3d6ffb53cc9c648cf7b2',
-        published='OneDrive folders linked in the AILab-CVC/GroupMixFormer README (it links the '
-                  'mini folder for large too); no direct URL: download by hand to the path the '
-                  'config names')
     position_encoding_keys = ('.cpe.', '.crpe.')  # the convolutional (relative) position encodings
 
     def __init__(self, arch: Union[str, dict, None] = None, *,

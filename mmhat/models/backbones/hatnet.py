@@ -212,6 +212,10 @@ class HATNet(PyramidBackbone):
     Input: ``(B, 3, H, W)``, any ``H, W >= 32``. Output: tuple of ``(B, C_i, H_i, W_i)``
     with ``H_1 = ceil(H / 4)`` and ``H_{i+1} = ceil(H_i / 2)``.
     """
+    publication = Publication(  # paper, official code at the commit read, checkpoints
+        'HAT-Net', 'Vision Transformers with Hierarchical Attention', 'Machine Intelligence Research 2024', 'https://arxiv.org/abs/2106.03180',  # noqa: E501
+        code='https://github.com/yun-liu/HAT-Net/blob/8f72ce41761b8a2715dc3b18788a8234b91bea1f/HAT_Net.py',  # noqa: E501
+        published='GitHub release v2.0 of yun-liu/HAT-Net (the configs download it from there); also Google Drive, linked in its README')  # noqa: E501
     arch_zoo = {
         #            embed_dims              num_heads        mlp_ratios      grid_sizes     ds_ratios      depths           kernel_sizes    stem_channels
         'tiny':   dict(embed_dims=(48, 96, 240, 384),  num_heads=(1, 2, 5, 8),  mlp_ratios=(8, 8, 4, 4), grid_sizes=(8, 7, 7, 1), ds_ratios=(8, 4, 2, 1), depths=(2, 2, 6, 3),  kernel_sizes=(3, 3, 3, 3), stem_channels=16),  # noqa: E501
@@ -225,16 +229,6 @@ class HATNet(PyramidBackbone):
     default_norm_cfg = dict(type='GN', num_groups=1, eps=1e-6)
     default_act_cfg = dict(type='SiLU')
     reference_name = 'hatnet'
-    publication = Publication(
-        name='HAT-Net',
-        paper='Vision Transformers with Hierarchical Attention',
-        paper_url='https://arxiv.org/abs/2106.03180',
-        venue='Machine Intelligence Research 2024',
-        code='https://github.com/yun-liu/HAT-Net',
-        code_file='HAT_Net.py',
-        code_commit='8f72ce41761b8a2715dc3b18788a8234b91bea1f',
-        published='GitHub release v2.0 of yun-liu/HAT-Net (the configs download it from there); '
-                  'also Google Drive, linked in its README')
     #: where the inverted residual normalises (see :class:`InvertedResidual`)
     ffn_pre_norm, ffn_inner_norms = True, False
 

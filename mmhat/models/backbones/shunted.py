@@ -316,6 +316,10 @@ class ShuntedTransformer(PyramidBackbone):
     Input: ``(B, 3, H, W)``, ``H, W >= 32``. Output: tuple of ``(B, C_i, H_i, W_i)`` with
     ``H_i = ceil(H / 2**(i+2))``.
     """
+    publication = Publication(  # paper, official code at the commit read, checkpoints
+        'Shunted Transformer', 'Shunted Self-Attention via Multi-Scale Token Aggregation', 'CVPR 2022', 'https://arxiv.org/abs/2111.15193',  # noqa: E501
+        code='https://github.com/OliverRensu/Shunted-Transformer/blob/6861101d8f4f592da79f84294f015e1e6b150351/SSA.py',  # noqa: E501
+        published='Google Drive and Baidu Pan (code hazr) folders linked in the OliverRensu/Shunted-Transformer README; no direct URL: download by hand to the path the config names')  # noqa: E501
     arch_zoo = {
         # SSA.py shunted_t / shunted_s / shunted_b; num_conv: extra 3x3 convs in the stem
         'tiny':  dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), mlp_ratios=(8, 8, 4, 4), sr_ratios=(8, 4, 2, 1), depths=(1, 2, 4, 1),  num_conv=0),  # noqa: E501
@@ -327,17 +331,6 @@ class ShuntedTransformer(PyramidBackbone):
     fused_attention = True
     internal_padding = True
     reference_name = 'shunted'
-    publication = Publication(
-        name='Shunted Transformer',
-        paper='Shunted Self-Attention via Multi-Scale Token Aggregation',
-        paper_url='https://arxiv.org/abs/2111.15193',
-        venue='CVPR 2022',
-        code='https://github.com/OliverRensu/Shunted-Transformer',
-        code_file='SSA.py',
-        code_commit='6861101d8f4f592da79f84294f015e1e6b150351',
-        published='Google Drive and Baidu Pan (code hazr) folders linked in the '
-                  'OliverRensu/Shunted-Transformer README; no direct URL: download by hand to '
-                  'the path the config names')
 
     def __init__(self, arch: Union[str, dict, None] = None, *, fused_attn: Optional[bool] = None,
                  **kwargs) -> None:

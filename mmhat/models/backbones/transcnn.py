@@ -59,18 +59,11 @@ class TransCNN(HATNet):
     pretrain_size = 256
     default_norm_cfg = dict(type='BN')
     reference_name = 'transcnn'
-    publication = Publication(
-        name='TransCNN',
-        paper='Transformer in Convolutional Neural Networks',
-        paper_url='https://arxiv.org/abs/2106.03180v2',
-        venue='arXiv 2021, the first version of the HAT-Net paper',
-        code='https://github.com/yun-liu/HAT-Net',
-        code_file='TransCNN.py',
-        code_commit='0bd7463ed11177b01b5fb59946537bc8d0c635cb',
-        published='GitHub release v1.0 of yun-liu/TransCNN, the repository now named '
-                  'yun-liu/HAT-Net (the configs download it from there); also Google Drive, '
-                  'linked in its README at that commit')
     ffn_pre_norm, ffn_inner_norms = False, True
+    publication = Publication(  # paper, official code at the commit read, checkpoints
+        'TransCNN', 'Transformer in Convolutional Neural Networks', 'arXiv 2021, the first version of the HAT-Net paper', 'https://arxiv.org/abs/2106.03180v2',  # noqa: E501
+        code='https://github.com/yun-liu/HAT-Net/blob/0bd7463ed11177b01b5fb59946537bc8d0c635cb/TransCNN.py',  # noqa: E501
+        published='GitHub release v1.0 of yun-liu/TransCNN, the repository now named yun-liu/HAT-Net (the configs download it from there); also Google Drive, linked in its README at that commit')  # noqa: E501
 
     def build_downsample(self, in_dims: int, out_dims: int) -> nn.Module:
         """The two-branch downsampling block (TDB)."""
