@@ -511,6 +511,7 @@ class GroupMixAttention(nn.Module):
         token_mask = None if valid is None else ~valid.view(B, N, 1)  # (B, N, 1)
 
         def project(segment: int) -> torch.Tensor:  # (B, N, 3s), channels [q | k | v]
+            # (3, s, D) -> (3s, D) weight rows and (3, s) -> (3s,) bias: [q | k | v] of the segment
             qkv = F.linear(x, weights[segment].reshape(3 * s, D), biases[segment].flatten())
             # The aggregator's convs must see zeros outside.
             return qkv if token_mask is None else qkv.masked_fill(token_mask, 0.)
