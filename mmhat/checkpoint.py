@@ -2,11 +2,13 @@
 
 Everything that touches a checkpoint file goes through this module:
 
-* :func:`checkpoint_safe_globals` allow-lists, inside a ``with`` block, exactly the non-tensor
-  types that official classification checkpoints and mmengine training checkpoints contain,
-  so that torch's ``weights_only=True`` default (torch >= 2.6) loads them and a checkpoint
-  carrying any other pickled object is refused (it cannot run code). Nothing is changed
-  outside the block; :mod:`mmhat.engine.checkpointing` uses it for ``--resume``.
+* :func:`safe_torch_load` unpickles tensors and exactly the non-tensor types that official
+  classification checkpoints and mmengine training checkpoints contain, on every supported
+  torch (``weights_only=True`` with an allow-list from torch 2.5, a restricted unpickler
+  before: :mod:`mmhat.compat`); a checkpoint carrying any other pickled object is refused
+  without running it. :func:`checkpoint_safe_globals` makes mmengine's own loading
+  (``load_from``, ``--resume``) do the same inside a ``with`` block; nothing is changed
+  outside it. :mod:`mmhat.engine.checkpointing` uses it for ``--resume``.
 * :func:`check_checkpoint_source` refuses, before anything is downloaded, checkpoints that
   name another model's zoo (``open-mmlab://``, ``torchvision://``, ...): in a swapped-in
   mmdet/mmseg config they come from the base config, not from the user.
@@ -33,6 +35,8 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from mmhat import compat
 
 StateDict = Dict[str, torch.Tensor]
 # A rename rule: (regex, replacement) applied with re.sub to every key, in order.
@@ -71,21 +75,65 @@ def _safe_global_types() -> list:
     return types
 
 
+def safe_torch_load(filename, map_location='cpu'):
+    """``torch.load`` that admits tensors and the types of :func:`_safe_global_types` only,
+    on every supported torch (:func:`mmhat.compat.load_restricted`): a pickled object of any
+    other type raises ``pickle.UnpicklingError`` without being run."""
+    return compat.load_restricted(filename, map_location, _safe_global_types())
+
+
+def load_from_local_safely(filename: str, map_location=None) -> dict:
+    """mmengine's local checkpoint loader, read with :func:`load_checkpoint_file`."""
+    return load_checkpoint_file(filename, map_location or 'cpu')
+
+
+def load_from_http_safely(filename: str, map_location=None) -> dict:
+    """mmengine's http(s) checkpoint loader (which unpickles with ``weights_only=False`` on
+    every torch), downloaded and read with :func:`load_checkpoint_file`."""
+    return load_checkpoint_file(filename, map_location or 'cpu')
+
+
+#: mmengine's checkpoint schemes that :func:`checkpoint_safe_globals` reads safely.
+_SAFE_SCHEMES = {'': load_from_local_safely, 'http://': load_from_http_safely,
+                 'https://': load_from_http_safely}
+
+
 @contextlib.contextmanager
 def checkpoint_safe_globals():
-    """Allow-list, for the duration of the block, the non-tensor types that official and
-    mmengine checkpoints legitimately hold.
+    """A block in which checkpoints are unpickled with exactly the non-tensor types that
+    official and mmengine checkpoints legitimately hold allowed, on every supported torch.
 
-    torch >= 2.6 loads with ``weights_only=True`` by default and refuses every other global:
+    * mmengine's local and http(s) loaders (``load_from``, ``--resume``, ``Pretrained``) read
+      through :func:`load_checkpoint_file`: refused objects raise :class:`CheckpointError`.
+      (mmengine calls ``torch.load`` without ``weights_only``: before torch 2.6 that unpickles
+      anything, and its http loader does so on every torch.)
+    * where torch keeps a ``weights_only`` allow-list (torch >= 2.5), the types are added to
+      it, so that other code calling ``torch.load`` in the block (torch >= 2.6: safely by
+      default) reads these files too.
+
     DeiT-style classification checkpoints store ``argparse.Namespace``, mmengine's store numpy
     scalars and ``HistoryBuffer``. Turning ``weights_only`` off instead would let a downloaded
-    file execute arbitrary code. Only the types not already allowed are added, and exactly
-    those are removed on exit, so the block nests and leaves torch's list as it found it.
+    file execute arbitrary code. Only what is not already there is added, and exactly that is
+    undone on exit, so the block nests and leaves torch and mmengine as it found them.
     """
-    before = set(map(id, torch.serialization.get_safe_globals()))
-    added = [t for t in _safe_global_types() if id(t) not in before]
-    with torch.serialization.safe_globals(added):
-        yield
+    from mmengine.runner.checkpoint import CheckpointLoader
+    schemes = CheckpointLoader._schemes
+    saved = {prefix: schemes.get(prefix) for prefix in _SAFE_SCHEMES}
+    schemes.update(_SAFE_SCHEMES)  # existing keys: mmengine's longest-prefix order is kept
+    try:
+        if compat.HAS_SAFE_GLOBALS:
+            before = set(map(id, compat.safe_globals_list()))
+            added = [t for t in _safe_global_types() if id(t) not in before]
+            with torch.serialization.safe_globals(added):
+                yield
+        else:
+            yield
+    finally:
+        for prefix, loader in saved.items():
+            if loader is None:
+                schemes.pop(prefix, None)
+            else:
+                schemes[prefix] = loader
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,6 +268,17 @@ def _download(url: str) -> str:
     return cached
 
 
+def _refusal_detail(error: pickle.UnpicklingError) -> str:
+    """What was refused, in the same words on every torch (torch's weights_only loader and
+    the restricted unpickler both name the global)."""
+    text = str(error)
+    found = re.search(r'GLOBAL ([\w.]+)', text)
+    if found:
+        return f'it pickles {found.group(1)}, which is not on the allow-list'
+    lines = [line for line in text.splitlines() if line.strip()]
+    return next((line for line in lines if 'nsupported' in line), lines[0] if lines else '')
+
+
 def load_checkpoint_file(filename: str, map_location: str = 'cpu') -> dict:
     """Read a checkpoint from a local path or a URL (``http(s)://``, cached by torch.hub).
 
@@ -228,25 +287,32 @@ def load_checkpoint_file(filename: str, map_location: str = 'cpu') -> dict:
             holds objects that are not on the allow-list (refused without executing them).
     """
     from mmengine.runner.checkpoint import CheckpointLoader
+    local = '://' not in filename
+    if local:
+        filename = os.path.expanduser(filename)
     source = filename
     if filename.startswith(('http://', 'https://')):
         filename = _download(filename)
         source = f'{filename} (downloaded from {source})'
-    elif '://' not in filename and not os.path.isfile(filename):
+        local = True
+    elif local and not os.path.isfile(filename):
         raise CheckpointError(
             f'checkpoint file not found: {filename!r}. Download it (docs/model_zoo.md, '
             f'"Checkpoints", says where each official checkpoint lives) and put it at that path, '
             f'or set the backbone\'s init_cfg=None to start from random weights.')
     try:
-        with checkpoint_safe_globals():
+        if local:
+            return safe_torch_load(filename, map_location)
+        with checkpoint_safe_globals():  # another scheme (s3://, ...): mmengine's loader
             return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f'refused to load {source!r}: it contains pickled objects that are not plain '
             f'tensors or known checkpoint metadata, and loading them could run code. mmhat '
-            f'loads with torch.load(weights_only=True). If you trust the file, convert it in a '
-            f'separate step (tools/convert_checkpoint.py) and load the result. Detail: '
-            f'{str(e).splitlines()[0]}') from None
+            f'unpickles only those (torch.load(weights_only=True) with an allow-list, or the '
+            f'same allow-list in a restricted unpickler on torch < 2.5). If you trust the file, '
+            f'load it yourself, save its state_dict and load that. Detail: '
+            f'{_refusal_detail(e)}') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(
             f'cannot read checkpoint {source!r}: the file looks truncated or corrupt '

@@ -82,7 +82,8 @@ def case_path(name: str) -> Path:
 
 def load_case(name: str) -> dict:
     """The case of ``name`` (``'hatnet-tiny'``); ``dtype`` tells the outputs' precision."""
-    return torch.load(case_path(name), map_location='cpu')
+    from mmhat.checkpoint import safe_torch_load
+    return safe_torch_load(case_path(name))
 
 
 def write_official_checkpoint(name: str, path: Path, with_case_overrides: bool = True) -> Path:

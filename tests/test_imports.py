@@ -2,8 +2,9 @@
 
 Each check starts a new interpreter, imports what mmhat itself imports (torch, mmengine,
 mmcv and its ops), takes a snapshot of the global state mmhat once patched or could patch
-(torch's weights_only allow-list and global flags, mmengine's HistoryBuffer, file backends
-and registries, mmcv's RoIAlign/NMS, warning filters), imports mmhat's modules, and compares.
+(torch's weights_only allow-list and global flags, mmengine's HistoryBuffer, checkpoint
+loaders, file backends and registries, mmcv's RoIAlign/NMS, warning filters), imports
+mmhat's modules, and compares.
 The one intended change is mmengine's root registries gaining the child registry ``mmhat``
 (that is how ``type='mmhat.X'`` resolves).
 """
@@ -23,6 +24,7 @@ import mmengine, mmengine.config, mmengine.fileio, mmengine.hooks, mmengine.logg
 import mmengine.model, mmengine.optim, mmengine.registry, mmengine.runner
 from mmengine.fileio.backends import registry_utils
 from mmengine.logging.history_buffer import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
 import mmcv, mmcv.cnn
 from mmcv.ops.nms import NMSop
 from mmcv.ops.roi_align import RoIAlign
@@ -39,7 +41,10 @@ def registries():
 
 def snapshot():
     return dict(
-        safe_globals=sorted(repr(g) for g in torch.serialization.get_safe_globals()),
+        # torch < 2.5 has no scoped allow-list to change
+        safe_globals=sorted(repr(g) for g in
+                            getattr(torch.serialization, 'get_safe_globals', list)()),
+        checkpoint_schemes={k: id(v) for k, v in CheckpointLoader._schemes.items()},
         history_buffer={k: id(v) for k, v in vars(HistoryBuffer).items()},
         roi_align={k: id(v) for k, v in vars(RoIAlign).items()},
         nms={k: id(v) for k, v in vars(NMSop).items()},
