@@ -54,6 +54,10 @@ MACHINE_PROVIDES = frozenset({
     'pyparsing', 'dateutil', 'six', 'typing_extensions', 'sympy', 'mpmath', 'networkx',
     'jinja2', 'markupsafe', 'filelock', 'fsspec', 'setuptools', 'pkg_resources',
     '_distutils_hack', 'triton', 'nvidia', 'cuda', 'tqdm',
+    # torch 2.1 imports these by itself where they are installed (its ONNX and dynamo
+    # back ends: onnx, onnxruntime, protobuf's google, ml_dtypes), and a module that
+    # torch.distributed writes at run time
+    'onnx', 'onnxruntime', 'google', 'ml_dtypes', '_remote_module_non_scriptable',
 })
 
 #: the input of the training step: odd on both sides, batch 2 for BatchNorm statistics

@@ -94,6 +94,29 @@ class Plan:
                    precisions=(fp32, 'bf16', 'fp16'), train_precisions=('fp16', 'bf16'),
                    nan_precisions=('fp16', 'bf16'))
 
+    def available(self, device: str) -> Tuple['Plan', List[str]]:
+        """The plan without the low precisions this torch lacks on ``device`` (torch 2.1 has
+        no fp16 autocast on the CPU, nor a CPU GradScaler), and what was left out."""
+        from mmhat import compat
+        device_type = torch.device(device).type
+        dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+        missing = [p for p in dtypes if not compat.autocast_supports(device_type, dtypes[p])]
+        no_scaler = []
+        try:
+            compat.grad_scaler(device_type)
+        except compat.Unsupported:
+            no_scaler = ['fp16']
+        keep = lambda ps, drop: tuple(p for p in ps if p not in drop)  # noqa: E731
+        plan = dataclasses.replace(
+            self, precisions=keep(self.precisions, missing),
+            train_precisions=keep(self.train_precisions, missing + no_scaler),
+            nan_precisions=keep(self.nan_precisions, missing + no_scaler))
+        notes = [f'{p} autocast on {device_type}: not in torch {torch.__version__}'
+                 for p in missing]
+        notes += [f'fp16 training steps on {device_type}: no GradScaler there in torch '
+                  f'{torch.__version__}' for p in no_scaler if p not in missing]
+        return plan, notes
+
 
 @dataclass
 class Check:
@@ -112,6 +135,7 @@ class Report:
     checks: List[Check] = field(default_factory=list)
     sections: Dict[str, float] = field(default_factory=dict)
     skipped: List[str] = field(default_factory=list)
+    unavailable: List[str] = field(default_factory=list)  # what this torch cannot run
     data: Dict[str, Any] = field(default_factory=dict)
 
     def elapsed(self) -> float:
@@ -210,7 +234,8 @@ def environment(report: Report) -> bool:
 # ---------------------------------------------------------------------------------------
 def correctness(report: Report, plan: Plan) -> None:
     from mmhat import testing as R
-    from mmhat.utils.benchmark import attention_path, output_loss, precision_context
+    from mmhat import compat
+    from mmhat.utils.benchmark import AUTOCAST, attention_path, output_loss, precision_context
     device = report.device
     dev = torch.device(device)
     tmp = Path(tempfile.mkdtemp(prefix='mmhat_gpu_check_'))
@@ -248,6 +273,8 @@ def correctness(report: Report, plan: Plan) -> None:
         with torch.no_grad(), precision_context('fp32', dev):
             base = model(x)
         for precision, bar in LOW_PRECISION_RTOL.items():
+            if not compat.autocast_supports(dev.type, AUTOCAST[precision]):
+                continue  # listed under report.unavailable
             with torch.no_grad(), precision_context(precision, dev):
                 low = model(x)
             finite = all(torch.isfinite(o).all() for o in low)
@@ -282,8 +309,12 @@ def correctness(report: Report, plan: Plan) -> None:
 def sdpa_kernels(report: Report, plan: Plan) -> None:
     """``mmhat.utils.sdpa.check_on_device`` at the detection size, as checks."""
     from mmhat.utils import sdpa
+    from mmhat import compat
+    device_type = torch.device(report.device).type
     results = sdpa.check_on_device(sizes=[plan.sdpa_size], batch=plan.sdpa_batch,
-                                   device=report.device)
+                                   device=report.device,
+                                   dtypes=[d for d in sdpa.LOW_PRECISION
+                                           if compat.autocast_supports(device_type, d)])
     calls = [r for r in results if 'chosen' in r]
     for head in (r for r in results if 'layout' in r):
         forward = {k: v for k, v in head.items() if k.startswith('forward')}
@@ -535,6 +566,9 @@ def write_report(report: Report, plan: Plan, out: Path, argv: Sequence[str]) -> 
                                                    f'{r.precision}: {r.error}' for r in errors]
     if report.skipped:
         lines += ['', '## Skipped for the budget', ''] + [f'- {s}' for s in report.skipped]
+    if report.unavailable:
+        lines += ['', '## Not available on this torch', ''] + [f'- {s}'
+                                                              for s in report.unavailable]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text('\n'.join(lines) + '\n')
     raw = dict(machine=machine, plan=dataclasses.asdict(plan), wall_s=report.elapsed(),
@@ -567,7 +601,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from mmengine.logging import MMLogger
         MMLogger.get_current_instance().setLevel('WARNING')
     report = Report(device=args.device, budget_s=args.budget_s)
-    plan = Plan.make(args.quick, args.device)
+    plan, report.unavailable = Plan.make(args.quick, args.device).available(args.device)
+    for what in report.unavailable:
+        print(f'SKIP {what}', flush=True)
     if args.device == 'cpu':
         torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     with report.section('environment'):

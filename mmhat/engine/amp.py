@@ -13,6 +13,7 @@ import functools
 import torch
 from mmengine.optim import OptimWrapper
 
+from mmhat import compat
 from mmhat.registry import OPTIM_WRAPPERS
 
 
@@ -22,7 +23,7 @@ def _roi_align_in_float32(forward):
 
     @functools.wraps(forward)
     def wrapped(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled('cpu'):
+        if not compat.is_autocast_enabled('cpu'):
             return forward(self, input, rois)
         with torch.autocast('cpu', enabled=False):
             return forward(self, input.float(), rois.float()).to(input.dtype)
@@ -49,7 +50,7 @@ def float32_mmcv_ops_under_cpu_autocast():
              (NMSop, 'forward', vars(NMSop)['forward'])]
     RoIAlign.forward = _roi_align_in_float32(RoIAlign.forward)
     NMSop.forward = staticmethod(
-        torch.amp.custom_fwd(NMSop.forward, device_type='cpu', cast_inputs=torch.float32))
+        compat.custom_fwd(NMSop.forward, device_type='cpu', cast_inputs=torch.float32))
     try:
         yield
     finally:

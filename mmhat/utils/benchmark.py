@@ -54,6 +54,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 
+from mmhat import compat
+
 #: fewest timed passes a row keeps even when it exceeds ``max_seconds``
 MIN_RUNS = 3
 #: autocast dtypes of the precisions
@@ -494,7 +496,7 @@ def precision_context(precision: str, device: torch.device):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     try:
         if precision in AUTOCAST:
-            with torch.autocast(device.type, dtype=AUTOCAST[precision]):
+            with compat.autocast(device.type, AUTOCAST[precision]):
                 yield
         else:
             yield
@@ -525,7 +527,7 @@ def make_step(model: torch.nn.Module, net: Callable, x: torch.Tensor, mode: str,
     """One inference pass or one training step (forward + backward) of ``net``."""
     device = x.device
     if mode == 'train':
-        scaler = torch.amp.GradScaler(device.type) if precision == 'fp16' else None
+        scaler = compat.grad_scaler(device.type) if precision == 'fp16' else None
 
         def step():
             with precision_context(precision, device):
@@ -649,7 +651,7 @@ def train_steps_finite(row: Row, steps: int, lr: float = 1e-4) -> Dict[str, Any]
     with attention_path(row.attn):
         model, x = prepare(dataclasses.replace(row, mode='train'))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        scaler = torch.amp.GradScaler(device.type) if row.precision == 'fp16' else None
+        scaler = compat.grad_scaler(device.type) if row.precision == 'fp16' else None
         losses, skipped = [], 0
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)

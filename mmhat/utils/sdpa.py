@@ -42,16 +42,12 @@ import torch
 from torch._prims_common import suggest_memory_format
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mmhat import compat
 from mmhat.models.layers import AttentionCall, record_attention_calls
 
 #: the fused backends, in SDPA's names (``torch.nn.attention.SDPBackend``)
 FUSED_BACKENDS = ('flash', 'efficient', 'cudnn')
-SDPBACKEND_NAMES = {
-    'math': 'MATH',
-    'flash': 'FLASH_ATTENTION',
-    'efficient': 'EFFICIENT_ATTENTION',
-    'cudnn': 'CUDNN_ATTENTION',
-}
+SDPBACKEND_NAMES = compat.SDPA_BACKENDS
 #: ``versionRuntimeCuDNN()`` of the cuDNN that CUDA 13 wheels ship (9.15.1 or newer): the
 #: version that turns on ``check_prefer_cudnn_attention`` (``> 91500``)
 DEFAULT_CUDNN_VERSION = 91501
@@ -650,8 +646,10 @@ def check_on_device(families: Optional[Sequence[Type]] = None,
       exists (``tools/gpu_check.py --device cpu`` runs this path so that it cannot rot).
     """
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    names = {int(getattr(SDPBackend, v)): k for k, v in SDPBACKEND_NAMES.items()}
+    names = compat.sdpa_backend_names()
+    order = compat.sdpa_priority_order()
+    priority = ([names.get(int(i), str(i)) for i in order] if order is not None
+                else f'fixed (torch {torch.__version__} does not expose it)')
     cuda = torch.device(device).type == 'cuda'
     sm = torch.cuda.get_device_capability(device) if cuda else None
     cudnn_version = (torch.backends.cudnn.version() or 0) if cuda else 0
@@ -682,14 +680,13 @@ def check_on_device(families: Optional[Sequence[Type]] = None,
                            predicted=predicted_backend(call, dtype, sm,
                                                        cudnn_version=cudnn_version)
                            if cuda else None,
-                           priority=[names.get(int(i), str(i))
-                                     for i in torch._C._get_sdp_priority_order()])
-                with sdpa_kernel(SDPBackend.MATH):
+                           priority=priority)
+                with compat.sdpa_kernel('math'):
                     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                          attn_mask=mask, scale=call.scale)
                 for name in backends:
                     try:
-                        with sdpa_kernel(getattr(SDPBackend, SDPBACKEND_NAMES[name])):
+                        with compat.sdpa_kernel(name):
                             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                  scale=call.scale)
                         row[name] = f'ok {(out.float() - ref).abs().max().item():.1e}'
