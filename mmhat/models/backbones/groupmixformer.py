@@ -392,12 +392,14 @@ class ConvRelPosEnc(nn.Module):
         self.head_convs = [(i, j * head_dims) for i, (_, heads) in enumerate(windows)
                            for j in range(heads)]
 
-    def kernels(self, heads: range) -> Tuple[torch.Tensor, torch.Tensor]:
+    def kernels(self, heads: range) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """The depthwise kernels and biases of consecutive ``heads``, the smaller kernels
         zero-padded (centred) to the largest: one conv then equals each head's own conv.
 
         Returns:
-            weight ``(len(heads) * d, 1, k, k)`` and bias ``(len(heads) * d, )``.
+            weight ``(len(heads) * d, 1, k, k)``, bias ``(len(heads) * d, )`` and ``k`` as a
+            Python int (a traced ``weight.shape`` is a tensor, which torch 2.1's tracer
+            cannot pass as a conv's padding).
         """
         d = self.head_dims
         convs = [(self.convs[i], start) for i, start in (self.head_convs[h] for h in heads)]
@@ -410,7 +412,7 @@ class ConvRelPosEnc(nn.Module):
             pad = (size - k) // 2
             weight[n * d:(n + 1) * d, :, pad:pad + k, pad:pad + k] = conv.weight[start:start + d]
         bias = torch.cat([conv.bias[start:start + d] for conv, start in convs])  # (n * d, )
-        return channels_last_kernel(weight), bias
+        return channels_last_kernel(weight), bias, size
 
     def forward(self, q: torch.Tensor, v: torch.Tensor, heads: range, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -418,10 +420,10 @@ class ConvRelPosEnc(nn.Module):
         channels first -> ``(B, len(heads) * d, N)``; ``valid``: ``(B, 1, H, W)`` or None.
         """
         B, C, N = v.shape
-        weight, bias = self.kernels(heads)
+        weight, bias, size = self.kernels(heads)
         # Channels-last, as oneDNN runs depthwise convs fastest.
         v = v.reshape(B, C, *hw).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
-        v = F.conv2d(zero_outside(v, valid), weight, bias, padding=weight.shape[-1] // 2,
+        v = F.conv2d(zero_outside(v, valid), weight, bias, padding=size // 2,
                      groups=C)  # (B, C, H, W)
         return q * v.flatten(2)  # (B, C, N)
 

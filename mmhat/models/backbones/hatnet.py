@@ -24,14 +24,13 @@ from collections import OrderedDict
 from typing import List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from mmengine.model.weight_init import trunc_normal_init
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (attention, drop_path, head_dims, merge_heads_nchw, pad_amounts,
-                      split_heads_nchw, use_fused_attn, window_attention)
+from ..layers import (attention, ceil_pool2d, drop_path, head_dims, merge_heads_nchw,
+                      pad_amounts, split_heads_nchw, use_fused_attn, window_attention)
 from .base import Publication, PyramidBackbone, PyramidStage
 
 
@@ -97,7 +96,7 @@ class HATAttention(nn.Module):
         g = self.grid_norm(x + local)
         q = split_heads_nchw(self.q(g), self.num_heads)  # (B, h, N, d)
         # ceil_mode: border windows average their valid pixels only (no padded keys).
-        pooled = F.avg_pool2d(g, self.ds_ratio, self.ds_ratio, ceil_mode=True)
+        pooled = ceil_pool2d(g, self.ds_ratio, 'avg')  # (B, C, ceil(H/r), ceil(W/r))
         k, v = split_heads_nchw(self.kv(self.ds_norm(pooled)),
                                 2 * self.num_heads).chunk(2, dim=1)  # (B, h, N/r^2, d)
         glb = merge_heads_nchw(attention(q, k, v, self.scale, fused=fused), hw)  # (B, C, H, W)

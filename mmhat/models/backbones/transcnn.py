@@ -16,6 +16,7 @@ from mmcv.cnn import build_activation_layer, build_norm_layer
 from torch import nn
 
 from mmhat.registry import MODELS
+from ..layers import ceil_pool2d
 from .base import Publication
 from .hatnet import HATNet
 
@@ -32,14 +33,14 @@ class TwoBranchDownsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_dims, out_dims, 3, stride=2, padding=1)
         self.norm1 = build_norm_layer(norm_cfg, out_dims)[1]
-        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.residual = nn.Conv2d(in_dims, out_dims, 1)
         self.norm2 = build_norm_layer(norm_cfg, out_dims)[1]
         self.act = build_activation_layer(act_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C_in, H, W)`` -> ``(B, C_out, ceil(H/2), ceil(W/2))``."""
-        return self.act(self.norm1(self.conv(x)) + self.norm2(self.residual(self.pool(x))))
+        pooled = ceil_pool2d(x, 2, 'max')  # (B, C_in, ceil(H/2), ceil(W/2))
+        return self.act(self.norm1(self.conv(x)) + self.norm2(self.residual(pooled)))
 
 
 @MODELS.register_module()

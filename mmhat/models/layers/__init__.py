@@ -2,13 +2,13 @@
 from .attention import (AttentionCall, attention, record_attention_calls, set_fused_attn,
                         use_fused_attn, window_attention)
 from .drop import drop_path
-from .layout import (crop, head_dims, merge_heads, merge_heads_nchw, nchw_to_nlc, nlc_to_nchw,
+from .layout import (ceil_pool2d, crop, head_dims, merge_heads, merge_heads_nchw, nchw_to_nlc, nlc_to_nchw,
                      pad_amounts, pad_bottom_right, split_heads, split_heads_nchw,
                      window_partition, window_reverse)
 
 __all__ = [
     'AttentionCall', 'attention', 'record_attention_calls', 'set_fused_attn', 'use_fused_attn',
-    'window_attention', 'drop_path', 'crop', 'head_dims', 'merge_heads', 'merge_heads_nchw',
+    'window_attention', 'drop_path', 'ceil_pool2d', 'crop', 'head_dims', 'merge_heads', 'merge_heads_nchw',
     'nchw_to_nlc', 'nlc_to_nchw', 'pad_amounts', 'pad_bottom_right', 'split_heads',
     'split_heads_nchw', 'window_partition', 'window_reverse'
 ]

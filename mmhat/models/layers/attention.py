@@ -21,6 +21,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from mmhat import compat
 from .layout import crop, pad_bottom_right, window_partition, window_reverse
 
 _FUSED_DEFAULT = os.environ.get('MMHAT_FUSED_ATTN', '1') not in ('0', 'false', 'False')
@@ -110,7 +111,8 @@ def attention(q: torch.Tensor,
         for record in _RECORDERS:
             record(call)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        q, sdpa_scale = compat.sdpa_scale_for_export(q, scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sdpa_scale)
     # Scale the logits, not q: the official models do, and only the same operation order
     # reproduces them to float rounding.
     logits = (q @ k.transpose(-2, -1)) * scale  # (..., N_q, N_k)

@@ -29,11 +29,35 @@ def pad_amounts(hw: Tuple[int, int], multiple: int) -> Tuple[int, int]:
     return (-H) % multiple, (-W) % multiple
 
 
-def pad_bottom_right(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
-    """Zero-pad the last two dims of ``x`` at the bottom/right (no-op when 0, 0)."""
+def pad_bottom_right(x: torch.Tensor, pad_h: int, pad_w: int,
+                     value: float = 0.) -> torch.Tensor:
+    """Pad the last two dims of ``x`` at the bottom/right with ``value`` (no-op when 0, 0)."""
     if pad_h == 0 and pad_w == 0:
         return x
-    return F.pad(x, (0, pad_w, 0, pad_h))
+    return F.pad(x, (0, pad_w, 0, pad_h), value=value)
+
+
+def ceil_pool2d(x: torch.Tensor, window: int, mode: str) -> torch.Tensor:
+    """``F.max_pool2d`` / ``F.avg_pool2d`` with stride ``window`` and ``ceil_mode=True``:
+    ``(B, C, H, W)`` -> ``(B, C, ceil(H/window), ceil(W/window))``; border windows cover
+    what is left, and an average divides by their valid pixels only.
+
+    While exporting to ONNX the same values come from a map padded to whole windows (-inf
+    for the max; for the average, the zero-padded sum over the count of valid pixels):
+    torch 2.1's TorchScript exporter cannot size a ceil-mode pool whose input size it only
+    knows at run time (``get_pool_ceil_padding, input size not accessible``).
+    """
+    if mode not in ('max', 'avg'):
+        raise ValueError(f"mode must be 'max' or 'avg', not {mode!r}")
+    if not torch.onnx.is_in_onnx_export():
+        pool = F.max_pool2d if mode == 'max' else F.avg_pool2d
+        return pool(x, window, window, ceil_mode=True)
+    pads = pad_amounts(x.shape[-2:], window)
+    if mode == 'max':
+        return F.max_pool2d(pad_bottom_right(x, *pads, value=float('-inf')), window, window)
+    ones = torch.ones_like(x[:1, :1])  # (1, 1, H, W)
+    return (F.avg_pool2d(pad_bottom_right(x, *pads), window, window)
+            / F.avg_pool2d(pad_bottom_right(ones, *pads), window, window))
 
 
 def crop(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
