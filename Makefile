@@ -1,6 +1,8 @@
 # mmhat: the two commands of the README.
 #   make demo   set up .venv if needed, then train + evaluate Mask R-CNN/HAT-Net-T on toy data
 #   make test   set up .venv if needed, then run the test suite
+#   make test-compat   the same suite on the oldest supported stack (torch 2.1.2, numpy<2,
+#                      mmcv 2.1.0 built for it) in .venv-compat: what mmdet 3.3 GPU users run
 #
 # Set-up knobs (environment or make variables):
 #   PYTHON=python3.11          interpreter for .venv
@@ -14,15 +16,18 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmhat-installed
 PYTEST_ARGS ?=
+# make test-compat: the oldest torch of the supported range, in a venv of its own
+COMPAT_TORCH ?= 2.1.2
+COMPAT_VENV ?= .venv-compat
 # make test: test files spread over this many processes, one torch thread each (0: one process)
 TEST_WORKERS ?= 2
 
-export PYTHON VENV KEEP_TORCH MMHAT_WHEELHOUSE MMHAT_CACHE TORCH_INDEX_URL
+export PYTHON VENV TORCH_VERSION KEEP_TORCH MMHAT_WHEELHOUSE MMHAT_CACHE TORCH_INDEX_URL
 # 2-core machines: OpenMP spin-waiting makes concurrent torch jobs ~100x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 export PYTHONWARNINGS ?= ignore:pkg_resources is deprecated:UserWarning
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-compat clean
 
 install: $(STAMP)
 
@@ -41,5 +46,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
+test-compat:
+	$(MAKE) test VENV=$(COMPAT_VENV) TORCH_VERSION=$(COMPAT_TORCH)
+
 clean:
-	rm -rf $(VENV) work_dirs .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) work_dirs .pytest_cache

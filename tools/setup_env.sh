@@ -6,7 +6,9 @@
 #   VENV              venv folder (default: .venv)
 #   KEEP_TORCH=1      keep a torch you already have (e.g. a CUDA build): the venv
 #                     sees the interpreter's site-packages and torch is not installed
-#   MMHAT_WHEELHOUSE  optional folder with a prebuilt mmcv-2.1.0 wheel for this torch
+#   MMHAT_WHEELHOUSE  optional folder with a prebuilt mmcv-2.1.0 wheel for this torch (also
+#                     looked for in its subfolder torch-<version>/, e.g. torch-2.1.2/)
+#   TORCH_VERSION     the torch to install (default 2.13.0; make test-compat: 2.1.2)
 #   MMHAT_CACHE       where built wheels are cached (default: ~/.cache/mmhat)
 #   TORCH_INDEX_URL   an extra index to take torch from, e.g. https://download.pytorch.org/whl/cpu
 #                     for the CPU build (plain PyPI serves the CUDA build on Linux x86_64)
@@ -49,6 +51,17 @@ if [ "$KEEP_TORCH" = 1 ]; then
 else
   echo "torch==$TORCH_VERSION" >> "$CONSTRAINTS"
 fi
+# torch wheels before 2.3 are compiled against numpy 1 ("A module that was compiled using
+# NumPy 1.x cannot be run in NumPy 2"): keep numpy 1 beside them.
+if "$PYTHON" - "$TORCH_VERSION" <<'PY'
+import sys
+major, minor = (int(p) for p in sys.argv[1].split('+')[0].split('.')[:2])
+sys.exit(0 if (major, minor) < (2, 3) else 1)
+PY
+then
+  echo 'numpy<2' >> "$CONSTRAINTS"
+  log "torch $TORCH_VERSION: numpy<2"
+fi
 PIP=("$PY" -m pip install -q -c "$CONSTRAINTS")
 
 log "build tools and torch"
@@ -65,7 +78,13 @@ if ! have_ops; then
   KEY=$("$PY" -c "import sys, torch; print(f'mmcv-$MMCV_VERSION-torch-{torch.__version__}-cp{sys.version_info[0]}{sys.version_info[1]}')")
   CACHE_DIR="$MMHAT_CACHE/wheels/$KEY"
   installed=0
-  for dir in "${MMHAT_WHEELHOUSE:-}" "$CACHE_DIR"; do
+  # A wheelhouse may keep wheels of other torch versions in torch-<version>/ (same file name).
+  TORCH_SHORT=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+  WHEELHOUSE_DIRS=()
+  if [ -n "${MMHAT_WHEELHOUSE:-}" ]; then
+    WHEELHOUSE_DIRS=("$MMHAT_WHEELHOUSE/torch-$TORCH_SHORT" "$MMHAT_WHEELHOUSE")
+  fi
+  for dir in ${WHEELHOUSE_DIRS[@]+"${WHEELHOUSE_DIRS[@]}"} "$CACHE_DIR"; do
     [ -n "$dir" ] && [ -d "$dir" ] || continue
     for whl in "$dir"/mmcv-$MMCV_VERSION-*.whl; do
       [ -f "$whl" ] || continue
