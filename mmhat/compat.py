@@ -84,7 +84,8 @@ def _torch_tensor_globals() -> Dict[str, Any]:
                              'torch.nn.parameter.Parameter': torch.nn.Parameter}
     for owner, names in ((torch._utils, ('_rebuild_parameter', '_rebuild_parameter_with_state',
                                          '_rebuild_tensor', '_rebuild_tensor_v2',
-                                         '_rebuild_tensor_v3', '_rebuild_sparse_tensor', '_rebuild_qtensor',
+                                         '_rebuild_tensor_v3', '_rebuild_sparse_tensor',
+                                         '_rebuild_qtensor',
                                          '_rebuild_device_tensor_from_numpy',
                                          '_rebuild_meta_tensor_no_storage',
                                          '_rebuild_nested_tensor', '_rebuild_wrapper_subclass')),

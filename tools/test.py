@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if args.out:
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    with resumable_checkpoints():  # load_from on torch >= 2.6
+    with resumable_checkpoints():  # load_from, safely on every torch (2.1-2.13)
         runner.test()
     return 0
 

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from mmengine.runner import Runner
     try:
         runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-        with resumable_checkpoints():  # --resume / load_from on torch >= 2.6
+        with resumable_checkpoints():  # --resume / load_from, safely on every torch (2.1-2.13)
             runner.train()
     except CheckpointError as e:  # a failed download or a file of another model, at init
         print(f'error: {e}', file=sys.stderr)

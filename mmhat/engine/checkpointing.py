@@ -1,4 +1,4 @@
-"""Training checkpoints that resume: on torch >= 2.6, and after being killed.
+"""Training checkpoints that resume: safely on every torch (2.1-2.13), and after being killed.
 
 Two problems of mmengine 0.10.7, each fixed only where it is asked for (nothing here acts
 on import):
@@ -6,10 +6,12 @@ on import):
 * torch >= 2.6 loads with ``weights_only=True``, and mmengine's own checkpoints hold types it
   refuses: ``HistoryBuffer`` (allow-listed by :func:`mmhat.checkpoint.checkpoint_safe_globals`)
   and, inside it, ``getattr`` references to its statistics methods (which no allow-list may
-  admit). :func:`resumable_checkpoints` covers a run: the allow-list while it loads, and
-  ``HistoryBuffer`` pickled without those references while it saves. ``tools/train.py`` and
-  ``tools/test.py`` run inside it; with mmdet's or mmseg's own ``train.py``, one config line
-  does the same: ``custom_hooks = [dict(type='mmhat.ResumeCompatHook')]``.
+  admit); before torch 2.6 mmengine unpickles anything. :func:`resumable_checkpoints` covers a
+  run: mmengine's loading through mmhat's allow-listed loader (on every torch) while it
+  loads, and ``HistoryBuffer`` pickled without those references while it saves.
+  ``tools/train.py`` and ``tools/test.py`` run inside it; with mmdet's or mmseg's own
+  ``train.py``, one config line does the same:
+  ``custom_hooks = [dict(type='mmhat.ResumeCompatHook')]``.
 * mmengine writes a checkpoint straight to its final name and then records it in
   ``<work_dir>/last_checkpoint``; a SIGKILL during either write leaves a truncated
   ``epoch_N.pth`` or an empty pointer that ``--resume`` then fails on. With
@@ -46,7 +48,8 @@ def _history_buffer_state(self) -> dict:
 
 @contextlib.contextmanager
 def resumable_checkpoints():
-    """A block in which mmengine checkpoints are saved and loaded under ``weights_only``.
+    """A block in which mmengine checkpoints are saved and loaded with only tensors and the
+    allow-listed types unpickled (``weights_only`` or its equivalent on torch < 2.5).
 
     Saving pickles ``HistoryBuffer`` without ``getattr`` references; loading allow-lists the
     types the files hold. Both are undone on exit, nested blocks included.
@@ -68,7 +71,8 @@ def resumable_checkpoints():
 class ResumeCompatHook(Hook):
     """:func:`resumable_checkpoints` for a whole run, for mmdet's / mmseg's own ``train.py``:
     ``custom_hooks = [dict(type='mmhat.ResumeCompatHook')]`` makes ``--resume`` and
-    ``load_from`` work on torch >= 2.6 (``tools/train.py`` needs no hook).
+    ``load_from`` work on torch >= 2.6, and load safely on every torch (``tools/train.py``
+    needs no hook).
 
     It enters the block at ``before_run``, which mmengine calls before it loads or resumes,
     and leaves it at ``after_run``.
