@@ -73,7 +73,7 @@ setup(
     cmdclass={'build_py': BuildPyWithConfigs},
     python_requires='>=3.9',
     # Supported: torch 2.1 to 2.13 (tested: 2.1.2 with numpy 1.26 by `make test-compat`,
-    # 2.13.0 with numpy 2 by `make test`; torch < 2.3 needs numpy < 2), Python 3.9-3.11 with
+    # 2.13.0 with numpy 2 by `make test`; torch < 2.4 needs numpy < 2), Python 3.9-3.11 with
     # torch 2.1 (tested: 3.11), mmengine 0.10.x, mmcv 2.1.0 with ops, mmdet 3.3, mmseg 1.2
     # (docs/get_started.md, "Supported versions"). torch and mmcv (compiled with ops) are
     # installed by tools/setup_env.sh; listing them here would let pip replace a CPU/CUDA

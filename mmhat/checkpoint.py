@@ -82,20 +82,16 @@ def safe_torch_load(filename, map_location='cpu'):
     return compat.load_restricted(filename, map_location, _safe_global_types())
 
 
-def load_from_local_safely(filename: str, map_location=None) -> dict:
-    """mmengine's local checkpoint loader, read with :func:`load_checkpoint_file`."""
-    return load_checkpoint_file(filename, map_location or 'cpu')
-
-
-def load_from_http_safely(filename: str, map_location=None) -> dict:
-    """mmengine's http(s) checkpoint loader (which unpickles with ``weights_only=False`` on
-    every torch), downloaded and read with :func:`load_checkpoint_file`."""
+def load_from_mmhat(filename: str, map_location=None) -> dict:
+    """mmengine's local and http(s) checkpoint loader inside :func:`checkpoint_safe_globals`:
+    :func:`load_checkpoint_file` (mmengine's own unpickle without ``weights_only``, which
+    before torch 2.6 admits anything, and for URLs does so on every torch). mmengine logs it
+    as the ``mmhat`` backend (the name after ``load_from_``)."""
     return load_checkpoint_file(filename, map_location or 'cpu')
 
 
 #: mmengine's checkpoint schemes that :func:`checkpoint_safe_globals` reads safely.
-_SAFE_SCHEMES = {'': load_from_local_safely, 'http://': load_from_http_safely,
-                 'https://': load_from_http_safely}
+_SAFE_SCHEMES = {prefix: load_from_mmhat for prefix in ('', 'http://', 'https://')}
 
 
 @contextlib.contextmanager
@@ -297,9 +293,10 @@ def load_checkpoint_file(filename: str, map_location: str = 'cpu') -> dict:
         local = True
     elif local and not os.path.isfile(filename):
         raise CheckpointError(
-            f'checkpoint file not found: {filename!r}. Download it (docs/model_zoo.md, '
-            f'"Checkpoints", says where each official checkpoint lives) and put it at that path, '
-            f'or set the backbone\'s init_cfg=None to start from random weights.')
+            f'checkpoint file not found: {filename!r}. Check the path (load_from, --resume or '
+            f'the backbone\'s init_cfg checkpoint); for an official ImageNet checkpoint, download '
+            f'it (docs/model_zoo.md, "Checkpoints", says where each lives) and put it at that '
+            f'path, or set the backbone\'s init_cfg=None to start from random weights.')
     try:
         if local:
             return safe_torch_load(filename, map_location)

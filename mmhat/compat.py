@@ -18,11 +18,11 @@ fp16 autocast on the CPU                   probed       :class:`Unsupported` (to
                                                         bf16 only)
 ``torch.amp.GradScaler(device)``           2.3          ``torch.cuda.amp.GradScaler``; none
                                                         for the CPU (:class:`Unsupported`)
-``torch.nn.attention.sdpa_kernel``         2.3          ``torch.backends.cuda.sdp_kernel``
-                                                        (no cuDNN backend before 2.5)
+``torch.nn.attention.sdpa_kernel``         probed       ``torch.backends.cuda.sdp_kernel``
+                                                        (flash, efficient, math; no cuDNN)
 ``torch.onnx.export(dynamo=...)``          2.5          the TorchScript exporter only
-ONNX export of SDPA with a float ``scale``  2.5          :func:`sdpa_scale_for_export`
-``torch._C._get_sdp_priority_order``       2.5          ``None`` (the order is fixed)
+ONNX export of SDPA's float ``scale``      2.5          :func:`sdpa_scale_for_export`
+``torch._C._get_sdp_priority_order``       probed       ``None`` (the order is fixed)
 =========================================  ===========  ===================================
 """
 import _compat_pickle
@@ -245,7 +245,7 @@ SDPA_BACKENDS = {'flash': 'FLASH_ATTENTION', 'efficient': 'EFFICIENT_ATTENTION',
 
 
 def has_sdpa_kernel_selector() -> bool:
-    """``torch.nn.attention.sdpa_kernel`` exists (torch >= 2.3)."""
+    """``torch.nn.attention.sdpa_kernel`` exists (not in torch 2.1)."""
     try:
         from torch.nn.attention import sdpa_kernel  # noqa: F401
     except ImportError:
@@ -255,8 +255,8 @@ def has_sdpa_kernel_selector() -> bool:
 
 def sdpa_kernel(name: str):
     """A context in which SDPA may use backend ``name`` only (``'flash'``, ``'efficient'``,
-    ``'cudnn'``, ``'math'``). Before torch 2.3: ``torch.backends.cuda.sdp_kernel`` with one
-    flag on, which has no cuDNN backend (:class:`Unsupported`)."""
+    ``'cudnn'``, ``'math'``). Without it (torch 2.1): ``torch.backends.cuda.sdp_kernel`` with
+    one flag on, which has no cuDNN backend (:class:`Unsupported`)."""
     if name not in SDPA_BACKENDS:
         raise ValueError(f'unknown SDPA backend {name!r}; expected one of {sorted(SDPA_BACKENDS)}')
     if has_sdpa_kernel_selector():
@@ -266,8 +266,7 @@ def sdpa_kernel(name: str):
                               f'{torch.__version__}')
         return select(getattr(SDPBackend, SDPA_BACKENDS[name]))
     if name == 'cudnn':
-        raise Unsupported(f'the cuDNN SDPA backend needs torch >= 2.5 (this is '
-                          f'{torch.__version__})')
+        raise Unsupported(f'the cuDNN SDPA backend is not in torch {torch.__version__}')
     return torch.backends.cuda.sdp_kernel(enable_flash=name == 'flash',
                                           enable_mem_efficient=name == 'efficient',
                                           enable_math=name == 'math')
@@ -276,7 +275,7 @@ def sdpa_kernel(name: str):
 def sdpa_backend_names() -> Dict[int, str]:
     """``int(SDPBackend member)`` -> mmhat's name, for the members this torch has (what
     ``torch._fused_sdp_choice`` returns); the enum is ``torch.backends.cuda.SDPBackend``
-    before torch 2.3."""
+    in torch 2.1."""
     try:
         from torch.nn.attention import SDPBackend
     except ImportError:
@@ -287,8 +286,8 @@ def sdpa_backend_names() -> Dict[int, str]:
 
 
 def sdpa_priority_order() -> Optional[list]:
-    """The dispatcher's backend order (``torch._C._get_sdp_priority_order``, torch >= 2.5),
-    or ``None`` where it is fixed and not exposed."""
+    """The dispatcher's backend order (``torch._C._get_sdp_priority_order``), or ``None``
+    where it is fixed and not exposed (torch 2.1)."""
     getter = getattr(torch._C, '_get_sdp_priority_order', None)
     return list(getter()) if getter is not None else None
 

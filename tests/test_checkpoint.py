@@ -11,8 +11,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 from mmhat import compat
 from mmhat.checkpoint import (CheckpointError, checkpoint_safe_globals, convert_state_dict,
-                              extract_state_dict, load_checkpoint_file, load_from_http_safely,
-                              load_from_local_safely)
+                              extract_state_dict, load_checkpoint_file, load_from_mmhat)
 from mmhat.engine import resumable_checkpoints
 
 
@@ -76,8 +75,7 @@ def test_mmengine_loaders_are_routed_inside_the_block_only():
         with checkpoint_safe_globals():
             assert {p: get(p + 'x.pth') for p in before} == inside
         assert {p: get(p + 'x.pth') for p in before} == inside
-    assert inside[''] is load_from_local_safely
-    assert inside['https://'] is inside['http://'] is load_from_http_safely
+    assert inside[''] is inside['https://'] is inside['http://'] is load_from_mmhat
     assert inside['s3://'] is before['s3://']  # other schemes are left to mmengine
     assert {p: get(p + 'x.pth') for p in before} == before
     assert list(CheckpointLoader._schemes)[-1] == ''  # the longest-prefix order is kept

@@ -51,12 +51,12 @@ if [ "$KEEP_TORCH" = 1 ]; then
 else
   echo "torch==$TORCH_VERSION" >> "$CONSTRAINTS"
 fi
-# torch wheels before 2.3 are compiled against numpy 1 ("A module that was compiled using
+# torch wheels before 2.4 are built against numpy 1 ("A module that was compiled using
 # NumPy 1.x cannot be run in NumPy 2"): keep numpy 1 beside them.
 if "$PYTHON" - "$TORCH_VERSION" <<'PY'
 import sys
 major, minor = (int(p) for p in sys.argv[1].split('+')[0].split('.')[:2])
-sys.exit(0 if (major, minor) < (2, 3) else 1)
+sys.exit(0 if (major, minor) < (2, 4) else 1)
 PY
 then
   echo 'numpy<2' >> "$CONSTRAINTS"
