@@ -32,6 +32,7 @@ import functools
 import inspect
 import pickle
 import types
+import warnings
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -178,7 +179,6 @@ def is_autocast_enabled(device_type: str) -> bool:
 def autocast_supports(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.autocast(device_type, dtype=dtype)`` runs on this torch, probed (CPU
     autocast of torch 2.1 takes bfloat16 only and raises for fp16)."""
-    import warnings
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('error')  # some versions only warn and disable autocast
@@ -241,7 +241,7 @@ def grad_scaler(device_type: str):
 # ---------------------------------------------------------------------------------------
 #: SDPA backends by mmhat's names -> their ``torch.nn.attention.SDPBackend`` members.
 SDPA_BACKENDS = {'flash': 'FLASH_ATTENTION', 'efficient': 'EFFICIENT_ATTENTION',
-               'cudnn': 'CUDNN_ATTENTION', 'math': 'MATH'}
+                 'cudnn': 'CUDNN_ATTENTION', 'math': 'MATH'}
 
 
 def has_sdpa_kernel_selector() -> bool:

@@ -3,6 +3,7 @@ API means. The fallbacks are forced here on whatever torch runs the suite, so th
 (torch 2.13) proves them too; `make test-compat` (torch 2.1) runs them for real."""
 import io
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -69,6 +70,25 @@ def test_sdpa_kernel_selectors():
     if not compat.has_sdpa_kernel_selector():
         with pytest.raises(compat.Unsupported, match='cuDNN SDPA backend is not in torch'):
             compat.sdpa_kernel('cudnn')
+
+
+def test_sdpa_kernel_fallback_of_torch_2_1(monkeypatch):
+    """Without ``torch.nn.attention`` the flags of ``torch.backends.cuda.sdp_kernel`` select
+    the backend; the cuDNN one does not exist there."""
+    monkeypatch.setattr(compat, 'has_sdpa_kernel_selector', lambda: False)
+    with pytest.raises(compat.Unsupported, match='cuDNN SDPA backend is not in torch'):
+        compat.sdpa_kernel('cudnn')
+    if not hasattr(torch.backends.cuda, 'sdp_kernel'):  # removed from a later torch
+        pytest.skip(f'torch {torch.__version__} has no torch.backends.cuda.sdp_kernel')
+    q = torch.randn(1, 2, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # deprecated where the selector exists
+        with compat.sdpa_kernel('math'):
+            assert torch.backends.cuda.math_sdp_enabled()
+            assert not torch.backends.cuda.flash_sdp_enabled()
+            out = F.scaled_dot_product_attention(q, q, q)
+    assert torch.backends.cuda.flash_sdp_enabled()  # restored on exit
+    torch.testing.assert_close(out, attention(q, q, q, q.shape[-1] ** -0.5, fused=False))
 
 
 def test_autocast_probe_matches_torch():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import tool_module
 from mmhat.models.backbones import registered_families
@@ -52,6 +53,27 @@ def test_quick_cpu_run_passes_every_section(tmp_path):
     md = out.read_text()
     assert '## Checks' in md and '## SDPA kernels' in md and '## Training step' in md
     assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plan_leaves_out_what_this_torch_cannot_run(monkeypatch):
+    """torch 2.1 has no fp16 autocast on the CPU: the full CPU plan drops fp16 everywhere
+    and says so in one line, instead of failing rows."""
+    tool = load_tool()
+    from mmhat import compat
+    plan = tool.Plan.make(quick=False, device='cpu')
+    assert 'fp16' in plan.precisions and 'fp16' in plan.train_precisions
+    monkeypatch.setattr(compat, 'autocast_supports',
+                        lambda device_type, dtype: dtype is not torch.float16)
+    reduced, notes = plan.available('cpu')
+    assert 'fp16' not in reduced.precisions + reduced.train_precisions + reduced.nan_precisions
+    assert 'bf16' in reduced.precisions and reduced.sdpa_size == plan.sdpa_size
+    assert notes == [f'fp16 autocast on cpu: not in torch {torch.__version__}']
+    # fp16 autocast but no CPU GradScaler (torch 2.1-2.2): inference keeps fp16, training not
+    monkeypatch.setattr(compat, 'autocast_supports', lambda device_type, dtype: True)
+    monkeypatch.setattr(compat, 'TORCH_VERSION', (2, 1))
+    reduced, notes = plan.available('cpu')
+    assert 'fp16' in reduced.precisions and 'fp16' not in reduced.train_precisions
+    assert len(notes) == 1 and 'needs torch >= 2.3' in notes[0]
 
 
 def test_the_budget_skips_rows_instead_of_overrunning(monkeypatch):

@@ -98,23 +98,27 @@ class Plan:
         """The plan without the low precisions this torch lacks on ``device`` (torch 2.1 has
         no fp16 autocast on the CPU, nor a CPU GradScaler), and what was left out."""
         from mmhat import compat
+        from mmhat.utils.benchmark import AUTOCAST
         device_type = torch.device(device).type
-        dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16}
-        missing = [p for p in dtypes if not compat.autocast_supports(device_type, dtypes[p])]
-        no_scaler = []
-        try:
-            compat.grad_scaler(device_type)
-        except compat.Unsupported:
-            no_scaler = ['fp16']
-        keep = lambda ps, drop: tuple(p for p in ps if p not in drop)  # noqa: E731
-        plan = dataclasses.replace(
-            self, precisions=keep(self.precisions, missing),
-            train_precisions=keep(self.train_precisions, missing + no_scaler),
-            nan_precisions=keep(self.nan_precisions, missing + no_scaler))
+        missing = [p for p, dtype in AUTOCAST.items()
+                   if not compat.autocast_supports(device_type, dtype)]
         notes = [f'{p} autocast on {device_type}: not in torch {torch.__version__}'
                  for p in missing]
-        notes += [f'fp16 training steps on {device_type}: no GradScaler there in torch '
-                  f'{torch.__version__}' for p in no_scaler if p not in missing]
+        untrainable = list(missing)
+        if 'fp16' not in missing:
+            try:
+                compat.grad_scaler(device_type)
+            except compat.Unsupported as e:
+                untrainable.append('fp16')
+                notes.append(f'fp16 training steps on {device_type}: {e}')
+
+        def keep(precisions: Tuple[str, ...], drop: List[str]) -> Tuple[str, ...]:
+            return tuple(p for p in precisions if p not in drop)
+
+        plan = dataclasses.replace(
+            self, precisions=keep(self.precisions, missing),
+            train_precisions=keep(self.train_precisions, untrainable),
+            nan_precisions=keep(self.nan_precisions, untrainable))
         return plan, notes
 
 

@@ -45,9 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mmhat import compat
 from mmhat.models.layers import AttentionCall, record_attention_calls
 
-#: the fused backends, in SDPA's names (``torch.nn.attention.SDPBackend``)
+#: the fused backends, by mmhat's names (``compat.SDPA_BACKENDS`` maps them to ``SDPBackend``)
 FUSED_BACKENDS = ('flash', 'efficient', 'cudnn')
-SDPBACKEND_NAMES = compat.SDPA_BACKENDS
 #: ``versionRuntimeCuDNN()`` of the cuDNN that CUDA 13 wheels ship (9.15.1 or newer): the
 #: version that turns on ``check_prefer_cudnn_attention`` (``> 91500``)
 DEFAULT_CUDNN_VERSION = 91501
