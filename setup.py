@@ -80,6 +80,9 @@ setup(
     # torch the user chose.
     install_requires=['mmengine>=0.10.0,<1.0', 'mmdet>=3.0,<3.4', 'mmsegmentation>=1.0,<1.3',
                       'ftfy', 'regex'],
+    # ImageNet classification through mmpretrain (configs/cls/, docs/imagenet.md): optional,
+    # never needed by the detection/segmentation path. torchvision must match your torch.
+    extras_require={'cls': ['mmpretrain>=1.2,<1.3', 'torchvision']},
     license='Apache-2.0',
     classifiers=['Programming Language :: Python :: 3.9',
                  'Programming Language :: Python :: 3.10',

@@ -410,6 +410,14 @@ def convert_state_dict(state_dict: StateDict,
     return Conversion(out, dropped, converted=True)
 
 
+def select_state_dict(state_dict: StateDict, rules: Sequence[RenameRule]) -> StateDict:
+    """The keys of ``state_dict`` that match one of ``rules``' patterns, renamed by all of
+    them in order: the part of a checkpoint that belongs to one module (e.g. an official
+    classifier's keys, renamed to a head's). A pure function; other keys are left out."""
+    return {_rename(key, rules): value for key, value in state_dict.items()
+            if any(re.search(pattern, key) for pattern, _ in rules)}
+
+
 def _summarise(keys: List[str], limit: int = 8) -> str:
     shown = ', '.join(keys[:limit])
     return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')

@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
     hands whole files to its processes in collection order, and a long file handed out last
     would run alone at the end while the other process waits."""
     items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say when tests/cls/ was left out (no mmpretrain or no torchvision for this torch)."""
+    from cls_extra import REQUIRED, missing
+    if not REQUIRED and missing():
+        terminalreporter.write_line(
+            f'tests/cls/ not collected: the classification extra does not import here '
+            f'({missing()}); make test-compat runs it (WITH_CLS=1 requires it).')

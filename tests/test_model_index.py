@@ -4,6 +4,7 @@ each entry as its config says, the numbers as the FLOP counter measures them, th
 claims backed by the contract tests, and the committed files as ``tools/model_index.py`` writes
 them. Each config is loaded and each (type, arch) measured once, by the tool's caches."""
 import collections
+import math
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from mmhat.registry import MODELS
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted(p.relative_to(ROOT).as_posix()
-                 for group in ('det', 'seg') for p in (ROOT / 'configs' / group).glob('*.py'))
+                 for group in ('det', 'seg', 'cls') for p in (ROOT / 'configs' / group).glob('*.py'))
 
 
 TOOL = load_tool('model_index')  # one instance: its loaded configs and measurements serve every test here
@@ -88,21 +89,52 @@ def test_entry_is_what_its_config_says(entries, path):
     toy = 'toy' in cfg.train_dataloader.dataset.data_root
     assert meta.get('Toy', False) == toy and ('Toy' in entry['Status']) == toy
     assert ('Toy' in meta['Training Data']) == toy
-    assert meta['Head'] in ('Mask R-CNN', 'RetinaNet', 'Semantic FPN', 'UperNet')
+    assert meta['Head'] in ('Mask R-CNN', 'RetinaNet', 'Semantic FPN', 'UperNet',
+                            'official classifier')
+    assert (meta['Head'] == 'official classifier') == (cfg.model.type == 'ImageClassifier')
     with_masks = 'mask_head' in cfg.model.get('roi_head', {})
-    expected_tasks = (['Semantic Segmentation'] if 'decode_head' in cfg.model else
+    expected_tasks = (['Image Classification'] if cfg.model.type == 'ImageClassifier' else
+                      ['Semantic Segmentation'] if 'decode_head' in cfg.model else
                       ['Object Detection'] + ['Instance Segmentation'] * with_masks)
     assert meta['Task'] == [r['Task'] for r in entry['Results']] == expected_tasks
     schedule = 'Epochs' if 'max_epochs' in cfg.train_cfg else 'Iterations'
     assert meta[schedule] == cfg.train_cfg.get('max_epochs', cfg.train_cfg.get('max_iters'))
 
 
+def is_imagenet_classifier(e) -> bool:
+    return e['Metadata']['Head'] == 'official classifier' and not e['Metadata'].get('Toy')
+
+
 def test_results_empty_and_no_weights(index):
+    """Detectors and segmentors: nothing reproduced, no weights. ImageNet classifiers: the
+    authors' published accuracy as the target, said to be theirs, with their checkpoint."""
+    classifiers = 0
     for e in index['models']:
         assert e['Results'] and all(r['Dataset'] == e['Metadata']['Training Data']
                                     for r in e['Results'])
-        assert all(v is None for r in e['Results'] for v in r['Metrics'].values())
-        assert e['Weights'] is None and e['Status']['Weights'] == 'none published'
+        assert e['Weights'] is None
+        if not is_imagenet_classifier(e):
+            assert all(v is None for r in e['Results'] for v in r['Metrics'].values())
+            assert e['Status']['Weights'] == 'none published'
+            continue
+        classifiers += 1
+        pub = MODELS.get(e['Metadata']['Backbone']['Type']).publication
+        arch = e['Metadata']['Backbone']['Arch']
+        (result, ) = e['Results']
+        assert result['Dataset'] == 'ImageNet-1k'
+        assert result['Metrics'] == {'Top 1 Accuracy': pub.imagenet_top1[arch],
+                                     'Top 5 Accuracy': pub.imagenet_top5.get(arch)}
+        assert "the authors' published accuracy" in e['Status']['Results']
+        assert 'not reproduced by mmhat' in e['Status']['Results']
+        assert e['Metadata']['Backbone']['Pretrained']
+        # the whole classifier's count: the official model's (less HAT-Net's unused proj_norm)
+        manifest = R.manifest(f'{MODELS.get(e["Metadata"]["Backbone"]["Type"]).reference_name}'
+                              f'-{arch}')
+        unused = sum(math.prod(v["shape"])
+                     for k, v in manifest['state_dict'].items() if '.attn.proj_norm.' in k)
+        assert e['Metadata']['Classifier']['Parameters (M)'] == round(
+            (manifest['params_total'] - unused) / 1e6, 3)
+    assert classifiers == 16
 
 
 def test_backbone_numbers_are_the_flop_counters(index):
@@ -119,19 +151,22 @@ def test_backbone_numbers_are_the_flop_counters(index):
 def test_verified_claims_are_the_contract_tests(index):
     """The outputs claim for each family's smallest variant, the parameter claim for every one;
     each names a test that exists and the reference file it compares against."""
-    contract_tests = (ROOT / 'tests' / 'test_backbones' / 'test_contract.py').read_text()
     assert R.FLOAT64_REL == 1e-7  # the bar the outputs claim states
     for e in index['models']:
         cls = MODELS.get(e['Metadata']['Backbone']['Type'])
         arch = e['Metadata']['Backbone']['Arch']
         checks = [c['Check'] for c in e['Status']['Verified']]
-        expected = (['backbone outputs equal the official model on the reference case (float64, '
+        classifier = e['Metadata']['Head'] == 'official classifier'
+        what = 'classifier logits' if classifier else 'backbone outputs'
+        expected = ([f'{what} equal the official model on the reference case (float64, '
                      '1e-7)'] if arch == cls.smallest_arch else [])
-        assert checks == expected + ['parameter count equals the official model'], e['Name']
+        count = 'classifier parameter count' if classifier else 'parameter count'
+        assert checks == expected + [f'{count} equals the official model'], e['Name']
         for check in e['Status']['Verified']:
             file, test = check['Test'].split('::')
-            assert file == 'tests/test_backbones/test_contract.py'
-            assert re.search(rf'^def {test}\(', contract_tests, re.M)
+            assert file == ('tests/cls/test_classifier.py' if classifier
+                            else 'tests/test_backbones/test_contract.py')
+            assert re.search(rf'^def {test}\(', (ROOT / file).read_text(), re.M)
             assert (ROOT / check['Reference']).is_file()
 
 
@@ -214,7 +249,8 @@ def test_readme_model_table_is_the_flop_counters():
     readme = (ROOT / 'README.md').read_text()
     rows = {m[1]: m for m in re.finditer(r'^\| `(mmhat\.\w+)` \| ([^|]+) \| ([^|]+) \| ([^|(]+)',
                                           readme, re.M)}
-    assert set(rows) == {f'mmhat.{n}' for n in MODELS.module_dict}
+    from mmhat.models.backbones import registered_families
+    assert set(rows) == {f'mmhat.{cls.__name__}' for cls in registered_families()}
     for type_name, m in rows.items():
         archs = [a.strip() for a in m[2].split('/')]
         assert archs == list(MODELS.get(type_name).arch_zoo), type_name

@@ -82,3 +82,30 @@ def test_demo_missing_input_is_a_clear_error(tmp_path, capsys):
     rc = tool('demo')['main']([str(ROOT / 'configs/det/maskrcnn_hatnet_t_toy.py'), 'x.pth',
                                str(tmp_path / 'nothing')])
     assert rc == 2 and 'input not found' in capsys.readouterr().err
+
+
+def test_test_py_routes_official_checkpoints_to_init_cfg_and_refuses_them_for_detectors(
+        tmp_path):
+    """tools/test.py: a trained model's checkpoint is load_from; an official ImageNet file
+    with a classification config is read by the backbone and the head through init_cfg
+    (load_from would match none of its keys and evaluate random weights silently); with a
+    detector config it is refused, saying what tools/test.py needs."""
+    from mmengine.config import Config
+
+    from mmhat.checkpoint import CheckpointError
+    from mmhat.engine import route_test_checkpoint
+    official = R.write_official_checkpoint('hatnet-tiny', tmp_path / 'official.pth')
+    cls_cfg = Config.fromfile(str(ROOT / 'configs/cls/hatnet_t_in1k.py'))
+    assert route_test_checkpoint(cls_cfg, str(official)) == 'init_cfg'
+    assert cls_cfg.load_from is None
+    for part in (cls_cfg.model.backbone, cls_cfg.model.head):
+        assert part.init_cfg == dict(type='Pretrained', checkpoint=str(official))
+    det_cfg = Config.fromfile(str(ROOT / 'configs/det/maskrcnn_hatnet_t_toy.py'))
+    with pytest.raises(CheckpointError, match=r'not a checkpoint of a whole trained model .*'
+                                              r'give it the checkpoint tools/train.py wrote'):
+        route_test_checkpoint(det_cfg, str(official))
+    trained = tmp_path / 'epoch_1.pth'
+    torch.save({'meta': {}, 'state_dict': {'backbone.stem.conv1.weight': torch.zeros(1)}},
+               trained)
+    assert route_test_checkpoint(det_cfg, str(trained)) == 'load_from'
+    assert det_cfg.load_from == str(trained)

@@ -12,6 +12,9 @@
 #   MMHAT_CACHE       where built wheels are cached (default: ~/.cache/mmhat)
 #   TORCH_INDEX_URL   an extra index to take torch from, e.g. https://download.pytorch.org/whl/cpu
 #                     for the CPU build (plain PyPI serves the CUDA build on Linux x86_64)
+#   WITH_CLS=1        also the classification extra (requirements/cls.txt: mmpretrain and the
+#                     torchvision of this torch); needs a torch whose torchvision is on the
+#                     index (PyPI's builds: yes; the local 2.13.0+cpu: no)
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3.11}
@@ -111,6 +114,11 @@ fi
 log "OpenMMLab stack, test tools and mmhat (editable)"
 "${PIP[@]}" -r requirements/runtime.txt -r requirements/tests.txt
 "${PIP[@]}" --no-build-isolation -e .
+if [ "${WITH_CLS:-0}" = 1 ]; then
+  log "classification extra (mmpretrain, torchvision)"
+  "${PIP[@]}" -r requirements/cls.txt
+  "$PY" -c 'import torchvision, mmpretrain; from torchvision.ops import nms; print(f"[setup] torchvision {torchvision.__version__}, mmpretrain {mmpretrain.__version__}")'
+fi
 "$PY" - <<'PY'
 import torch, mmcv, mmdet, mmseg, mmengine
 from mmcv.ops import nms, RoIAlign  # noqa: F401  proof the compiled ops exist

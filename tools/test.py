@@ -1,7 +1,11 @@
-"""Evaluate a trained detector or segmentor (mmengine Runner).
+"""Evaluate a trained detector, segmentor or classifier (mmengine Runner).
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--data-root DIR]
         [--out FILE.pkl] [--cfg-options k=v ...] [--launcher {none,pytorch,slurm,mpi}]
+
+CHECKPOINT is what tools/train.py (or mmpretrain) wrote; with a classification config
+(configs/cls/) it may also be the authors' official ImageNet checkpoint, which the backbone
+and the classifier head then load strictly (docs/imagenet.md): top-1/top-5 are printed.
 """
 import argparse
 import os.path as osp
@@ -12,8 +16,9 @@ warnings.filterwarnings('ignore', message='pkg_resources is deprecated')
 
 from mmengine.config import DictAction  # noqa: E402
 
+from mmhat.checkpoint import CheckpointError  # noqa: E402
 from mmhat.engine import (DataNotFoundError, check_data, prepare_config,  # noqa: E402
-                          resumable_checkpoints, setup_cpu_distributed)
+                          resumable_checkpoints, route_test_checkpoint, setup_cpu_distributed)
 
 
 def parse_args(argv=None):
@@ -43,12 +48,20 @@ def main(argv=None) -> int:
     except DataNotFoundError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    cfg.load_from = args.checkpoint
+    try:
+        route = route_test_checkpoint(cfg, args.checkpoint)
+    except CheckpointError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
 
     setup_cpu_distributed(cfg)
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    if route == 'init_cfg':  # Runner.test() initialises nothing itself: load the official weights
+        from mmengine.model import is_model_wrapper
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model.init_weights()
     if args.out:
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))

@@ -6,11 +6,12 @@ from .checkpointing import (AtomicLocalBackend, ResumeCompatHook, is_complete_ch
                             use_atomic_checkpoints)
 from .hooks import EpochSeedHook
 from .launch import (DataNotFoundError, check_checkpoints, check_data, prepare_config,
-                     setup_cpu_distributed)
+                     route_test_checkpoint, setup_cpu_distributed)
 
 __all__ = [
     'AtomicLocalBackend', 'BF16AutocastOptimWrapper', 'DataNotFoundError', 'EpochSeedHook',
     'ResumeCompatHook', 'check_checkpoints', 'check_data', 'is_complete_checkpoint',
     'latest_complete_checkpoint', 'prepare_config', 'resumable_checkpoints',
+    'route_test_checkpoint',
     'setup_cpu_distributed', 'use_atomic_checkpoints'
 ]

@@ -21,6 +21,11 @@ PREPARE = {
         '  {root}/annotations/{{training,validation}}/*.png\n'
         'Download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu/ and unzip it\n'
         'into the parent folder (docs/data_preparation.md).'),
+    'ImageNet': (
+        'ImageNet-1k is expected under {root} in mmpretrain\'s layout (override with --data-root):\n'
+        '  {root}/val/*.JPEG with {root}/meta/val.txt ("<file> <label>" per line)\n'
+        '  {root}/train/<wnid>/*.JPEG with {root}/meta/train.txt\n'
+        'Download ILSVRC2012 from https://image-net.org/ (docs/imagenet.md says how to lay it out).'),
 }
 
 
@@ -50,7 +55,8 @@ def check_data(cfg: Config, splits=('train', 'val', 'test')) -> None:
         paths = []
         if ds.get('ann_file'):
             paths.append(osp.join(root, ds['ann_file']))
-        prefix = ds.get('data_prefix') or {}
+        prefix = ds.get('data_prefix') or ds.get('split') or {}  # mmpretrain: a folder name
+        prefix = {'img': prefix} if isinstance(prefix, str) else prefix
         paths += [osp.join(root, p) for p in prefix.values() if isinstance(p, str) and p]
         missing = [p for p in paths if not osp.exists(p)] or ([root] if root and not osp.isdir(root) else [])
         if missing and (ds.get('type'), root) not in seen:
@@ -120,6 +126,40 @@ def check_checkpoints(cfg: Config) -> None:
             + (f'. {", ".join(injected)} is model.pretrained, which mmseg\'s base configs set '
                f'for their own backbone: if you did not, add model.pretrained=None'
                if injected else ''))
+
+
+def route_test_checkpoint(cfg: Config, checkpoint: str) -> str:
+    """Point ``cfg`` at the checkpoint ``tools/test.py`` was given; returns how it is loaded.
+
+    * A checkpoint of a whole trained model (mmengine's ``state_dict`` with ``backbone.``
+      keys, written by ``tools/train.py`` or mmpretrain): ``load_from``, as mmengine does.
+    * An official ImageNet checkpoint (``{'model': ...}`` with the authors' key names) and a
+      classification config (``mmhat.OfficialClsHead``): the backbone and the head read it
+      through their ``init_cfg``, strictly, converting the names (mmengine's ``load_from``
+      would match none of them and evaluate random weights without an error).
+
+    Raises:
+        CheckpointError: an official backbone checkpoint given with a detection or
+            segmentation config (it holds no detector), saying where it belongs.
+    """
+    from mmhat.checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file
+    sd = extract_state_dict(load_checkpoint_file(checkpoint), prefix='')
+    if any(key.startswith('backbone.') for key in sd):
+        cfg.load_from = checkpoint
+        return 'load_from'
+    model = cfg.get('model', {})
+    head = model.get('head') if isinstance(model, dict) else None
+    if isinstance(head, dict) and str(head.get('type', '')).endswith('OfficialClsHead'):
+        for part in (model['backbone'], head):
+            part['init_cfg'] = dict(type='Pretrained', checkpoint=checkpoint)
+        cfg.load_from = None
+        return 'init_cfg'
+    raise CheckpointError(
+        f'{checkpoint} is not a checkpoint of a whole trained model (no backbone.* keys): it '
+        f'looks like an ImageNet backbone checkpoint. tools/test.py evaluates a trained model: '
+        f'give it the checkpoint tools/train.py wrote (work_dirs/<config>/epoch_*.pth or '
+        f'iter_*.pth). An ImageNet checkpoint belongs in model.backbone.init_cfg to train '
+        f'from, or with a configs/cls/ config to check its ImageNet accuracy.')
 
 
 def _replace_root(node, old: str, new: str):

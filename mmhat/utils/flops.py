@@ -67,6 +67,27 @@ def backbone_flops(type_name: str, arch: str, shape: Optional[Sequence[int]] = N
                 params=sum(p.numel() for p in model.parameters()) / 1e6, **result)
 
 
+def classifier_flops(type_name: str, arch: str, num_classes: int = 1000,
+                     shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """:func:`backbone_flops` of the official ImageNet classifier: the backbone and its
+    family's official head (:data:`mmhat.models.heads.OFFICIAL_HEADS`, counted as the plain
+    :class:`~mmhat.models.heads.PoolLinearHead`: the same layers as the mmpretrain head)."""
+    import mmhat.models  # noqa: F401  registers the families
+    from mmhat.models.heads import OFFICIAL_HEADS, PoolLinearHead
+    from mmhat.registry import MODELS
+    cls = MODELS.get(type_name)
+    if cls is None or cls.__name__ not in OFFICIAL_HEADS:
+        raise ValueError(f'no official classifier for {type_name!r}; families with one: '
+                         f'{", ".join("mmhat." + n for n in OFFICIAL_HEADS)}')
+    backbone = MODELS.build(dict(type=type_name, arch=arch))
+    head = PoolLinearHead(num_classes, backbone.out_channels[-1], **OFFICIAL_HEADS[cls.__name__])
+    model = torch.nn.Sequential(backbone, head)
+    h, w = shape or (cls.pretrain_size, cls.pretrain_size)
+    result = model_flops(model, (h, w))
+    return dict(model=f'{cls.__name__}-{arch} classifier', input=f'{h}x{w}',
+                params=sum(p.numel() for p in model.parameters()) / 1e6, **result)
+
+
 def config_flops(path: str, shape: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Params (M) and GFLOPs of a whole detector/segmentor at a fixed input size.
 

@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import re
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
@@ -70,6 +70,12 @@ class Publication:
     code: str
     #: where the authors publish the ImageNet checkpoints that the configs' ``init_cfg`` names
     published: str
+    #: the ImageNet-1k top-1 (%) the authors publish for each variant's checkpoint (the
+    #: configs/cls/ targets; not reproduced by mmhat), and top-5 where they publish one
+    imagenet_top1: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    imagenet_top5: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: where those numbers are published
+    imagenet_source: str = ''
 
     def __post_init__(self):
         if not _GITHUB_BLOB.fullmatch(self.code):
@@ -434,6 +440,10 @@ class PyramidBackbone(BaseModule):
     official_rename_rules: Sequence[RenameRule] = ()
     #: official keys the backbone does not use, ``(regex, reason)``; dropped and reported
     official_drop_rules: Sequence[DropRule] = ()
+    #: the official classifier's keys -> :class:`mmhat.models.heads.OfficialClsHead`'s
+    #: (``(regex, replacement)``; only keys that match are the head's): every official key is
+    #: the backbone's, the head's or dropped by ``official_drop_rules`` as unused
+    official_head_rules: Sequence[RenameRule] = ()
     #: key names of earlier mmhat releases -> today's, applied to mmhat checkpoints
     legacy_rename_rules: Sequence[RenameRule] = ()
     #: keys under these prefixes mean the checkpoint is already in mmhat format

@@ -1,0 +1,7 @@
+# GroupMixFormer-Large on ImageNet-1k (224x224): the authors' classifier from their checkpoint,
+# loaded whole by the backbone and the head (docs/imagenet.md). Evaluate with
+#   python tools/test.py configs/cls/groupmixformer_l_in1k.py CHECKPOINT
+_base_ = ['../_base_/cls/groupmixformer.py', '../_base_/backbones/groupmixformer_l.py']
+model = dict(
+    backbone={{_base_.backbone}},
+    head=dict(in_channels=480, init_cfg={{_base_.backbone.init_cfg}}))
