@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from mmhat.models.layers.attention import set_fused_attn, use_fused_attn
 from mmhat.checkpoint import (CheckpointError, Conversion, DropRule, RenameRule,
                               check_checkpoint_source, convert_state_dict, extract_state_dict,
                               load_checkpoint_file, load_state_dict_strict)
@@ -535,9 +536,23 @@ def frozen_bn_stats(module: nn.Module):
 
 
 def _checkpoint_contexts(block: nn.Module):
-    """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint`: nothing around the
-    forward, :func:`frozen_bn_stats` around the recomputation in the backward."""
-    return contextlib.nullcontext(), frozen_bn_stats(block)
+    """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint` (called in the forward):
+    nothing around the forward; around the recomputation in the backward,
+    :func:`frozen_bn_stats` and the attention path the forward took, so that a
+    :func:`~mmhat.models.layers.set_fused_attn` between forward and backward cannot make the
+    recomputation differ (torch refuses it: "Recomputed values ... have different metadata")."""
+    return contextlib.nullcontext(), _recomputation(block, use_fused_attn())
+
+
+@contextlib.contextmanager
+def _recomputation(block: nn.Module, fused: bool):
+    before = use_fused_attn()
+    set_fused_attn(fused)
+    try:
+        with frozen_bn_stats(block):
+            yield
+    finally:
+        set_fused_attn(before)
 
 
 __all__ = ['CHANNELS_LAST_ON', 'PyramidBackbone', 'PyramidStage', 'CheckpointError',
