@@ -186,3 +186,37 @@ def test_peer_ratios_pair_every_row_with_the_reference_peer():
     assert ratios[id(results[0])].speedup == pytest.approx(2.0)
     assert ratios[id(results[0])].mem_ratio == pytest.approx(2.0)
     assert ratios[id(results[1])].speedup == pytest.approx(1.0)  # the peer against itself
+
+
+def test_profile_splits_the_training_step_into_forward_and_backward(tmp_path):
+    """``--profile``: one profiled training step per (model, size, batch); the per-operator
+    self times add up to the step, split by phase, and the report names them."""
+    out = tmp_path / 'profile.md'
+    rc = load_tool().main(['mmhat.ShuntedTransformer:tiny', '--peers', 'none', '--profile',
+                           '--train-sizes', '64', '--profile-batches', '1', '2',
+                           '--profile-top', '5', '--matmul-size', '256', '--out', str(out)])
+    assert rc == 0
+    report = json.loads(out.with_suffix('.json').read_text())
+    assert [p['batch'] for p in report['profiles']] == [1, 2]
+    for p in report['profiles']:
+        assert p['size'] == '64x64' and p['forward_ms'] > 0 and p['backward_ms'] > 0
+        assert math.isclose(p['forward_ms'] + p['backward_ms'], p['total_ms'], rel_tol=1e-9)
+        assert len(p['top']) == 5
+        assert [r['self_ms'] for r in p['top']] == sorted((r['self_ms'] for r in p['top']),
+                                                          reverse=True)
+        assert {r['phase'] for r in p['top']} <= {'forward', 'backward'}
+        # every op lands in one kind and one phase: the kinds add up to the step
+        assert math.isclose(sum(k['self_ms'] for k in p['kinds']), p['total_ms'], rel_tol=1e-6)
+        assert any(r['phase'] == 'backward' for r in p['top'])
+    text = out.read_text()
+    assert '| ShuntedTransformer-tiny | 64x64 | 2 |' in text and 'backward / forward' in text
+
+
+def test_op_kinds():
+    assert B.op_kind('aten::_scaled_dot_product_flash_attention_for_cpu_backward') == 'attention'
+    assert B.op_kind('aten::_slow_conv2d_backward') == 'convolution'
+    assert B.op_kind('aten::native_batch_norm_backward') == 'normalisation'
+    assert B.op_kind('aten::addmm') == 'matmul / linear'
+    assert B.op_kind('aten::copy_') == 'layout copies'
+    assert B.op_kind('aten::gelu_backward') == 'element-wise'
+    assert B.op_kind('aten::something_new') == 'other'

@@ -9,6 +9,8 @@
     python tools/benchmark.py mmhat.HATNet:tiny --peers none --attn both --layout both \\
         --modes infer --infer-sizes 800x1216          # + ours vs the unfused NCHW reference
     python tools/benchmark.py --quick                            # CI smoke run (~20 s)
+    python tools/benchmark.py mmhat.HATNet:tiny --peers swin-t r50 --profile \
+        --train-sizes 800x1216 --profile-batches 1 2 --out profile.md   # where a step goes
 
 Rows are every (model, input size, mode, attention path, conv weight layout, with_cp,
 torch.compile); the markdown report has one table per mode, the ratio tables (fused vs
@@ -17,11 +19,13 @@ the machine's state; the JSON next to it every raw number.
 """
 import argparse
 import dataclasses
+import gc
 import itertools
 import json
 import os
 import statistics
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -252,10 +256,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--replot', type=Path, metavar='JSON',
                    help='draw the plot of a saved report (its JSON) again and exit; with '
                         '--plot PATH (default: the JSON as .png)')
+    p.add_argument('--profile', action='store_true',
+                   help='profile one training step per (model, train size, batch) with '
+                        'torch.profiler instead of timing: self time per operator, forward vs '
+                        'backward, kinds of work, memory (default path: fused, channels-last)')
+    p.add_argument('--profile-batches', type=int, nargs='+', default=[1, 2],
+                   help='batch sizes of --profile')
+    p.add_argument('--profile-top', type=int, default=12, help='operators listed per profile')
     p.add_argument('--quick', action='store_true',
                    help=f'CI smoke run: {QUICK_MODEL} (or the first model) at {QUICK_SIZE}, no '
                         'peers, 1 warm-up + 2 runs, with_cp off, fused attention')
     return p
+
+
+def profile_markdown(profiles: Sequence[Dict[str, Any]], machine: Dict[str, Any],
+                     matmul: Dict[str, Any]) -> str:
+    """The report of ``--profile``: a summary row per profile, then each one's top operators
+    and kinds of work."""
+    lines = [f'# Training-step profile', '',
+             f'{machine["device_name"]}, {machine["threads"]} thread(s), torch '
+             f'{machine["torch"]}, {time.strftime("%Y-%m-%d")}; matmul '
+             f'{matmul["gflops_per_s"]:.1f} GFLOP/s. One step (forward + backward, loss = mean '
+             f'square of every output) after a warm-up step, `torch.profiler` self CPU time: '
+             f'shares are of the step\'s total.', '',
+             '| model | input | batch | step (ms) | forward (ms) | backward (ms) | backward / '
+             'forward |', '|---|---|---|---|---|---|---|']
+    for p in profiles:
+        lines.append(f'| {p["model"]} | {p["size"]} | {p["batch"]} | {p["total_ms"]:.0f} | '
+                     f'{p["forward_ms"]:.0f} | {p["backward_ms"]:.0f} | '
+                     f'{p["backward_ms"] / p["forward_ms"]:.2f} |')
+    for p in profiles:
+        lines += ['', f'## {p["model"]}, {p["size"]}, batch {p["batch"]}', '',
+                  '| operator | phase | self (ms) | share | calls | allocated (MB) |',
+                  '|---|---|---|---|---|---|']
+        lines += [f'| `{r["op"]}` | {r["phase"]} | {r["self_ms"]:.1f} | {r["share"]:.1%} | '
+                  f'{r["calls"]} | {r["mem_mb"]:.0f} |' for r in p['top']]
+        lines += ['', '| kind of work | phase | self (ms) | share |', '|---|---|---|---|']
+        lines += [f'| {r["kind"]} | {r["phase"]} | {r["self_ms"]:.1f} | {r["share"]:.1%} |'
+                  for r in p['kinds'] if r['share'] >= 0.01]
+    return '\n'.join(lines) + '\n'
+
+
+def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
+    """``--profile``: each (model, train size, batch) profiled in this process, in turn."""
+    profiles = []
+    for hw in [B.parse_size(s) for s in list(args.train_sizes) + list(args.sizes)]:
+        for m in models:
+            for batch in args.profile_batches:
+                row = B.Row(model=m, size=hw, mode='train',
+                            attn='fused' if m.switchable_attn else None,
+                            layout='channels_last' if m.is_mmhat else None, batch=batch,
+                            threads=args.threads, device=args.device, warmup=args.warmup)
+                print(f'profiling {row.describe()}', file=sys.stderr, flush=True)
+                profiles.append(B.profile_train_step(row, top=args.profile_top))
+                gc.collect()
+    text = profile_markdown(profiles, machine, matmul)
+    if args.out:
+        args.out.write_text(text)
+        json_path = args.json or args.out.with_suffix('.json')
+        json_path.write_text(json.dumps(dict(machine=machine, matmul=matmul,
+                                             profiles=profiles), indent=1, default=str))
+        print(f'profile: {args.out}', file=sys.stderr)
+    else:
+        print(text)
+    return 0
 
 
 def plot_title(machine: Dict[str, Any], batch: int) -> str:
@@ -325,6 +389,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                  results=list(map(B.result_to_dict, done))),
                                             indent=1, default=str))
 
+    if args.profile:
+        return run_profiles(models, args, machine, matmul)
     results = B.measure_rows(plan_rows(models, args), isolate=True, retries=args.retries,
                              busy_cores=args.busy_cores, retry_wait=args.retry_wait,
                              timeout=args.worker_timeout,

@@ -592,6 +592,83 @@ def measure(row: Row, matmul_gflops_per_s: Optional[float] = None) -> Result:
     return result
 
 
+#: operator name -> the kind of work it is, for the profile's summary (first match wins)
+OP_KINDS: Sequence[Tuple[str, Tuple[str, ...]]] = (
+    ('attention', ('scaled_dot_product', '_flash_attention', '_efficient_attention', 'softmax',
+                   '_softmax', 'baddbmm', 'bmm')),
+    ('convolution', ('conv', 'mkldnn_convolution', 'thnn_conv', 'slow_conv')),
+    ('matmul / linear', ('addmm', 'mm', 'linear', 'matmul')),
+    ('normalisation', ('norm', 'batch_norm', 'group_norm', 'layer_norm')),
+    ('layout copies', ('copy_', 'clone', 'contiguous', 'to_dense', 'permute', 'transpose',
+                       'cat', 'stack', 'pad', 'constant_pad', 'reflection_pad', 'narrow',
+                       'slice', 'unfold', 'col2im', 'im2col', 'chunk', 'split', 'index')),
+    ('pooling', ('pool', 'adaptive_avg')),
+    ('element-wise', ('add', 'mul', 'sub', 'div', 'gelu', 'relu', 'silu', 'hardswish', 'sigmoid',
+                      'tanh', 'exp', 'fill_', 'zero_', 'where', 'masked', 'sum', 'mean',
+                      'threshold', 'neg', 'sqrt', 'rsqrt', 'pow')),
+)
+
+
+def op_kind(name: str) -> str:
+    """The kind of an operator (:data:`OP_KINDS`), from its profiler name."""
+    base = name.split('::')[-1].lower()
+    for kind, needles in OP_KINDS:
+        if any(n in base for n in needles):
+            return kind
+    return 'other'
+
+
+def profile_train_step(row: Row, top: int = 12) -> Dict[str, Any]:
+    """One training step (forward + backward) of ``row``'s model under ``torch.profiler``,
+    after ``row.warmup`` unprofiled steps: self CPU time per operator, split into forward and
+    backward (by the time range of each phase), the kinds of work (:func:`op_kind`) and the
+    memory each operator allocates. Shares are of the step's total self time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    torch.set_num_threads(row.threads)
+    with attention_path(row.attn):
+        model, x = prepare(row)
+        for _ in range(max(1, row.warmup)):
+            output_loss(model(x)).backward()
+            model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with record_function('mmhat::forward'):
+                loss = output_loss(model(x))
+            with record_function('mmhat::backward'):
+                loss.backward()
+        model.zero_grad(set_to_none=True)
+    events = list(prof.events())
+    phases = {e.name: (e.time_range.start, e.time_range.end) for e in events
+              if e.name in ('mmhat::forward', 'mmhat::backward')}
+    b_start, b_end = phases['mmhat::backward']
+    by_op: Dict[Tuple[str, str], Dict[str, float]] = {}
+    totals = {'forward': 0.0, 'backward': 0.0}
+    kinds: Dict[Tuple[str, str], float] = {}
+    for e in events:
+        if e.name.startswith('mmhat::') or e.self_cpu_time_total <= 0 and not e.cpu_memory_usage:
+            continue
+        phase = 'backward' if b_start <= e.time_range.start < b_end else 'forward'
+        name = e.name
+        if name.startswith('autograd::engine::evaluate_function: '):
+            name = name[len('autograd::engine::evaluate_function: '):]
+        entry = by_op.setdefault((name, phase), dict(self_ms=0.0, calls=0, mem_mb=0.0))
+        entry['self_ms'] += e.self_cpu_time_total / 1e3
+        entry['calls'] += 1
+        entry['mem_mb'] += max(e.self_cpu_memory_usage, 0) / 2**20
+        totals[phase] += e.self_cpu_time_total / 1e3
+        kind = op_kind(name)
+        kinds[(kind, phase)] = kinds.get((kind, phase), 0.0) + e.self_cpu_time_total / 1e3
+    total = sum(totals.values())
+    ops = sorted(({'op': k[0], 'phase': k[1], **v, 'share': v['self_ms'] / total}
+                  for k, v in by_op.items()), key=lambda r: -r['self_ms'])
+    return dict(model=row.model.label, size=fmt_size(row.size), batch=row.batch,
+                threads=row.threads, attn=row.attn, layout=row.layout, with_cp=row.with_cp,
+                total_ms=total, forward_ms=totals['forward'], backward_ms=totals['backward'],
+                top=ops[:top],
+                kinds=sorted(({'kind': k[0], 'phase': k[1], 'self_ms': v, 'share': v / total}
+                              for k, v in kinds.items()), key=lambda r: -r['self_ms']),
+                top_memory=sorted(ops, key=lambda r: -r['mem_mb'])[:5])
+
+
 def _peak_memory(step: Callable[[], Any], device: torch.device, compiled: bool,
                  exact: bool) -> Dict[str, Any]:
     """The peak memory of one more pass above what was allocated before it."""
