@@ -116,6 +116,11 @@ def test_classification_config_reads_and_loads_one_checkpoint_whole(path):
     assert head.type == 'mmhat.OfficialClsHead' and backbone.type == f'mmhat.{head.family}'
     # checkpoints written by mmpretrain's own train.py load safely (tools/test.py, --resume)
     assert dict(type='mmhat.ResumeCompatHook') in cfg.custom_hooks
+    # the head computes its family's official head (the table the FLOP counts use)
+    from mmhat.models.heads import OFFICIAL_HEADS
+    official = OFFICIAL_HEADS[head.family]
+    assert head.get('dropout', 0.0) == official.get('dropout', 0.0)
+    assert head.get('norm_cfg') == official.get('norm_cfg')
     if path.stem.endswith('_in1k'):
         assert head.init_cfg == backbone.init_cfg and head.init_cfg['type'] == 'Pretrained'
         assert head.num_classes == cfg.model.data_preprocessor.num_classes == 1000
