@@ -77,6 +77,40 @@ def test_toy_coco_skips_complete_sets(tmp_path):
     assert gen.make_toy_coco(out, num_train=3, num_val=2, size=64)
 
 
+def test_toy_imagenet_is_deterministic_complete_and_labelled(tmp_path):
+    """The ImageNet-format toy set: identical bytes for the same parameters, every listed image
+    there with a label 0-2 that is the shape drawn (a circle's pixels fill more of its
+    bounding box than a triangle's), skipped when complete, redone when an image is missing."""
+    from PIL import Image
+    gen = load_tool('make_toy_imagenet')
+    for name in ('a', 'b'):
+        assert gen.make_toy_imagenet(str(tmp_path / name), num_train=9, num_val=3, size=64)
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*')
+                   if p.is_file())
+    assert len(files) == 9 + 3 + 2 + 1  # images, meta/{train,val}.txt, the marker
+    for rel in files:
+        assert (tmp_path / 'a' / rel).read_bytes() == (tmp_path / 'b' / rel).read_bytes(), rel
+    fill = {0: [], 1: [], 2: []}
+    for split, count in (('train', 9), ('val', 3)):
+        lines = (tmp_path / 'a' / 'meta' / f'{split}.txt').read_text().splitlines()
+        assert len(lines) == count
+        for line in lines:
+            name, label = line.split()
+            # shapes are 120-255 in every channel, the background 20-90 (+ noise)
+            pixels = np.asarray(Image.open(tmp_path / 'a' / split / name)).min(axis=2) > 110
+            ys, xs = np.nonzero(pixels)
+            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+            fill[int(label)].append(pixels.sum() / box)
+    assert all(fill.values()), 'every class appears'
+    assert min(fill[0]) > max(fill[2])  # circles fill their box more than triangles
+    out = str(tmp_path / 'a')
+    assert not gen.make_toy_imagenet(out, num_train=9, num_val=3, size=64)
+    (tmp_path / 'a' / 'val' / '000001.png').unlink()  # incomplete: regenerate
+    assert gen.make_toy_imagenet(out, num_train=9, num_val=3, size=64)
+    with pytest.raises(ValueError, match='at least one image per split'):
+        gen.make_toy_imagenet(str(tmp_path / 'c'), num_train=0)
+
+
 def run_tool(*args: str) -> str:
     """Run ``python tools/<args>`` from the repository root; return stdout+stderr, or fail
     the test with its tail."""

@@ -102,7 +102,7 @@ def make_toy_imagenet(out: str = 'data/toy_imagenet', num_train: int = 48, num_v
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = parse_toy_args(argv, __doc__, 'data/toy_imagenet', 48, 12, 96, 1)
+    args = parse_toy_args(argv, __doc__, 'data/toy_imagenet', 48, 12, 96, None)
     made = make_toy_imagenet(args.out, args.num_train, args.num_val, args.size, args.seed,
                              args.force)
     print(f'{"wrote" if made else "kept the complete"} toy ImageNet set in {args.out}')

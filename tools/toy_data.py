@@ -54,7 +54,7 @@ def write_marker(out: str, marker: str, params: Dict) -> None:
 
 
 def parse_toy_args(argv: Optional[Sequence[str]], doc: str, out: str, num_train: int,
-                   num_val: int, size: int, max_objects: int) -> argparse.Namespace:
+                   num_val: int, size: int, max_objects: Optional[int]) -> argparse.Namespace:
     """The generators' common command line, with each generator's defaults."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +63,8 @@ def parse_toy_args(argv: Optional[Sequence[str]], doc: str, out: str, num_train:
     parser.add_argument('--num-val', type=int, default=num_val, help='validation images')
     parser.add_argument('--size', type=int, default=size, help='image side in pixels')
     parser.add_argument('--seed', type=int, default=0, help='random seed')
-    parser.add_argument('--max-objects', type=int, default=max_objects,
-                        help='shapes per image, at most')
+    if max_objects is not None:  # None: one shape per image (the classification set)
+        parser.add_argument('--max-objects', type=int, default=max_objects,
+                            help='shapes per image, at most')
     parser.add_argument('--force', action='store_true', help='regenerate even if complete')
     return parser.parse_args(argv)
