@@ -11,9 +11,11 @@ Everything is read from where the project states it once:
 * the families: the backbone registry (each :class:`PyramidBackbone` in ``mmhat.registry.MODELS``)
   and the facts a family declares (``reference_name``, ``arch_zoo``, ``smallest_arch``,
   ``pretrain_size``);
-* the models: every config in ``configs/det`` and ``configs/seg``, one ``Models`` entry each,
-  named by its file stem, with the backbone, checkpoint, head, data, schedule and metrics that
-  the loaded config (``Config.fromfile``) has;
+* the models: every config in ``configs/det``, ``configs/seg`` and ``configs/cls``, one
+  ``Models`` entry each, named by its file stem, with the backbone, checkpoint, head, data,
+  schedule and metrics that the loaded config (``Config.fromfile``) has; an ImageNet
+  classifier also with its whole params/FLOPs (:func:`classifier_flops`) and, as its results,
+  the authors' published accuracy (``Publication.imagenet_top1``/``_top5``), marked as theirs;
 * the numbers: :func:`mmhat.utils.flops.backbone_flops`, once per (type, arch);
 * what is verified: the reference data that ``tests/test_backbones/test_contract.py`` holds each
   family to (a manifest of the official model per variant, an output case for the smallest).
@@ -65,7 +67,8 @@ METRICS = {('CocoMetric', 'bbox'): ('Object Detection', 'box AP'),
            ('Accuracy', 'top1'): ('Image Classification', 'Top 1 Accuracy'),
            ('Accuracy', 'top5'): ('Image Classification', 'Top 5 Accuracy')}
 #: training sets by the ``data_root`` of the config's training dataset; ``made_by``: a toy set
-#: that a tool of the repository generates (the config is a demo, not a zoo result)
+#: that a tool of the repository generates (the config is a demo, not a zoo result), standing
+#: in for ``stands_for``
 DATASETS = {'data/coco': dict(name='COCO'),
             'data/ade/ADEChallengeData2016': dict(name='ADE20K'),
             'data/imagenet': dict(name='ImageNet-1k'),
