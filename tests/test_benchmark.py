@@ -119,7 +119,7 @@ def test_size_parsing_and_model_resolution():
 def result(spec, **kw):
     row = B.Row(model=spec, size=(64, 96), **{k: v for k, v in kw.items()
                                                if k in ('mode', 'attn', 'layout', 'compile',
-                                                        'with_cp')})
+                                                        'with_cp', 'kernels', 'batch')})
     return B.Result.of(row, **{k: v for k, v in kw.items()
                                if k in ('latency_s', 'peak_mem_mb', 'compile_s')})
 
@@ -175,6 +175,57 @@ def test_reference_rows_are_planned_for_mmhat_models_and_reported():
     assert ref.speedup == pytest.approx(1.6) and ref.reference.path() == 'explicit, NCHW'
     # fused/explicit pairs stay within one layout
     assert sorted(round(p.speedup, 2) for p in s['fused_vs_explicit']) == [1.2, 1.33]
+
+
+def test_kernel_rows_and_batches_are_planned_paired_and_reported():
+    """--kernels both --batch-size 1 2: families with CPU conv kernels get a plain nn.Conv2d
+    twin per batch (other families and peers do not), each paired with its twin of the same
+    batch; the report has the kernels/plain table and a batch column."""
+    tool = load_tool()
+    args = tool.build_parser().parse_args(
+        ['mmhat.HATNet', 'mmhat.ShuntedTransformer', '--peers', 'r50', '--modes', 'train',
+         '--train-sizes', '64', '--kernels', 'both', '--cp', 'off', '--batch-size', '1', '2'])
+    hat, sht, r50 = (B.resolve_model(k) for k in ('mmhat.HATNet', 'mmhat.ShuntedTransformer',
+                                                    'r50'))
+    rows = tool.plan_rows([hat, sht, r50], args)
+    assert [(r.batch, r.kernels) for r in rows if r.model is hat] == [
+        (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
+    assert [(r.batch, r.kernels) for r in rows if r.model is sht] == [(1, None), (2, None)]
+    assert [(r.batch, r.kernels) for r in rows if r.model is r50] == [(1, None), (2, None)]
+    results = [result(hat, mode='train', attn='fused', layout='channels_last', kernels=k,
+                      batch=b, latency_s=t, peak_mem_mb=m)
+               for b, k, t, m in [(1, 'mmhat', 0.8, 10.0), (1, 'plain', 1.0, 10.0),
+                                  (2, 'mmhat', 1.5, 20.0), (2, 'plain', 2.1, 22.0)]]
+    results.append(result(r50, mode='train', batch=1, latency_s=1.2, peak_mem_mb=8.0))
+    s = tool.summaries(results)
+    assert [(p.result.batch, round(p.speedup, 2), round(p.mem_ratio, 2))
+            for p in s['kernels_vs_plain']] == [(1, 1.25, 1.0), (2, 1.4, 0.91)]
+    vs = tool.peer_ratios(results, 'r50')
+    assert vs[id(results[0])].speedup == pytest.approx(1.5)  # both kernel sets meet the peer
+    assert vs[id(results[1])].speedup == pytest.approx(1.2)
+    assert id(results[2]) not in vs  # no peer row at batch 2
+    report = dict(machine=dict(device='cpu', device_name='x', torch='t', mmdet='m', threads=1,
+                               cpu_count=2, omp_wait_policy='PASSIVE', load_average_start=None,
+                               load_average_end=None, foreign_cores_median=None,
+                               foreign_cores_max=None, own_cpu_share_median=None),
+                  matmul=dict(n=8, latency_s=1.0, gflops_per_s=1.0),
+                  settings=dict(ref_label=None, batch_size=[1, 2], runs=3, warmup=1))
+    md = tool.to_markdown(report, results, s, {})
+    assert '- batch 1, 2;' in md
+    assert "## mmhat's CPU conv kernels (layers.conv) vs plain nn.Conv2d" in md
+    assert '| HATNet-tiny | 64x96 | 2 | fused, plain convs | off | 2100.0 |' in md
+    assert '| HATNet-tiny | 64x96 | train | off | 2 | fused | 1.40 | 0.91 |' in md
+
+
+def test_row_paths_set_and_restore_the_process_defaults():
+    from mmhat.models.layers import use_cpu_kernels, use_fused_attn
+    row = B.Row(model=B.resolve_model('mmhat.HATNet'), size=(64, 64), attn='explicit',
+                kernels='plain')
+    assert use_cpu_kernels() and use_fused_attn()
+    with B.row_paths(row):
+        assert not use_cpu_kernels() and not use_fused_attn()
+    assert use_cpu_kernels() and use_fused_attn()
+    assert 'explicit plain convs' in row.describe()
 
 
 def test_peer_ratios_pair_every_row_with_the_reference_peer():

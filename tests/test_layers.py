@@ -85,3 +85,116 @@ def test_pad_and_crop():
     assert padded.shape == (1, 2, 8, 8) and padded[..., 5:, :].abs().sum() == 0
     assert torch.equal(crop(padded, (5, 6)), x)
     assert crop(x, (5, 6)) is x
+
+
+# ---------------------------------------------------------------------------------------
+# Convolutions with CPU training kernels (layers/conv.py)
+# ---------------------------------------------------------------------------------------
+def _conv_case(module, x):
+    """Output and gradients (input, weight, bias) of ``module`` and of ``F.conv2d`` with its
+    parameters, in float64, for a loss weighing every output element differently."""
+    x = x.double().requires_grad_(True)
+    module = module.double()
+    y = module(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+    got = [y] + list(torch.autograd.grad((y * g).sum(), [x] + list(module.parameters())))
+    params = [p.detach().clone().requires_grad_(True) for p in module.parameters()]
+    xr = x.detach().contiguous().requires_grad_(True)
+    yr = torch.nn.functional.conv2d(xr, params[0], params[1] if len(params) > 1 else None,
+                                    padding=module.padding, groups=module.groups)
+    want = [yr] + list(torch.autograd.grad((yr * g).sum(), [xr] + params))
+    return got, want
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('batch,hw', [(1, (7, 5)), (2, (1, 9)), (3, (4, 4))])
+def test_pointwise_conv_equals_conv2d(batch, hw, bias):
+    from mmhat.models.layers import PointwiseConv2d
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(6, 10, bias=bias).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 6, *hw).contiguous(memory_format=torch.channels_last)
+    got, want = _conv_case(conv, x)
+    assert got[0].shape == (batch, 10, *hw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('kernel', [3, 5, 7])
+@pytest.mark.parametrize('batch,hw', [(1, (9, 6)), (2, (5, 11))])
+def test_depthwise_conv_equals_conv2d(kernel, batch, hw):
+    from mmhat.models.layers import DepthwiseConv2d
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(8, kernel).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 8, *hw).contiguous(memory_format=torch.channels_last)
+    got, want = _conv_case(conv, x)
+    assert got[0].shape == (batch, 8, *hw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_kernels_take_their_path_only_where_they_apply(monkeypatch):
+    """The CPU kernels run on channels-last CPU maps in eager mode; NCHW maps, tracing
+    (FLOP counters, ONNX) and ``set_cpu_kernels(False)`` get ``nn.Conv2d.forward``."""
+    from mmhat.models.layers import (DepthwiseConv2d, PointwiseConv2d, set_cpu_kernels,
+                                     use_cpu_kernels)
+    from mmhat.models.layers import conv as conv_module
+    calls = []
+    monkeypatch.setattr(torch.nn.Conv2d, 'forward',
+                        lambda self, x: calls.append(type(self).__name__) or
+                        self._conv_forward(x, self.weight, self.bias))
+    pw = PointwiseConv2d(4, 4)
+    dw = DepthwiseConv2d(4, 5)
+    cl = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    nchw = torch.randn(1, 4, 6, 6)
+    assert use_cpu_kernels()
+    pw(cl), dw(cl)
+    assert calls == []
+    pw(nchw), dw(nchw)
+    assert calls == ['PointwiseConv2d', 'DepthwiseConv2d']
+    calls.clear()
+    with torch.no_grad():
+        dw(cl)  # no weight gradient to compute: plain conv
+    assert calls == ['DepthwiseConv2d']
+    calls.clear()
+    graph = torch.jit.trace(torch.nn.Sequential(pw, dw), cl).inlined_graph
+    assert 'aten::linear' not in str(graph) and str(graph).count('aten::_convolution') == 2
+    calls.clear()
+    try:
+        set_cpu_kernels(False)
+        assert not use_cpu_kernels()
+        pw(cl), dw(cl)
+    finally:
+        set_cpu_kernels(True)
+    assert calls == ['PointwiseConv2d', 'DepthwiseConv2d']
+    assert conv_module.SLOW_DEPTHWISE_WGRAD_KERNEL == 5
+    calls.clear()
+    DepthwiseConv2d(4, 3)(cl.requires_grad_())  # 3x3: oneDNN's channels-last is the fast one
+    assert calls == ['DepthwiseConv2d']
+
+
+def test_conv_kernels_keep_the_conv2d_state_dict():
+    from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d
+    pw, ref = PointwiseConv2d(3, 5, bias=False), torch.nn.Conv2d(3, 5, 1, bias=False)
+    assert {k: v.shape for k, v in pw.state_dict().items()} == \
+        {k: v.shape for k, v in ref.state_dict().items()}
+    dw, ref = DepthwiseConv2d(6, 5), torch.nn.Conv2d(6, 6, 5, padding=2, groups=6)
+    assert {k: v.shape for k, v in dw.state_dict().items()} == \
+        {k: v.shape for k, v in ref.state_dict().items()}
+    assert isinstance(pw, torch.nn.Conv2d) and isinstance(dw, torch.nn.Conv2d)
+
+
+def test_cpu_kernels_off_by_environment():
+    import subprocess
+    import sys
+    code = 'from mmhat.models.layers import use_cpu_kernels; print(use_cpu_kernels())'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**__import__('os').environ, 'MMHAT_CPU_KERNELS': '0'}, check=True)
+    assert out.stdout.strip() == 'False'
+
+
+@pytest.mark.parametrize('shape', [(1, 3, 4, 5), (2, 7, 1, 3)])
+def test_nchw_copy(shape):
+    from mmhat.models.layers.conv import nchw_copy
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    y = nchw_copy(x)
+    assert torch.equal(y, x) and y.is_contiguous()

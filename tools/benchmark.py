@@ -58,15 +58,17 @@ def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
     both = {'off': [False], 'on': [True], 'both': [False, True]}
     attn_paths = ['fused', 'explicit'] if args.attn == 'both' else [args.attn]
     layouts = ['channels_last', 'nchw'] if args.layout == 'both' else [args.layout]
+    kernel_sets = ['mmhat', 'plain'] if args.kernels == 'both' else [args.kernels]
     rows, counted = [], set()
     for hw in sizes:
         for m in models:
             for mode in args.modes:
                 if hw not in (infer if mode == 'infer' else train):
                     continue
-                for attn, layout, cp, comp in itertools.product(
-                        attn_paths if m.switchable_attn else [None],
+                for batch, attn, layout, kernels, cp, comp in itertools.product(
+                        args.batch_size, attn_paths if m.switchable_attn else [None],
                         layouts if m.is_mmhat else [None],
+                        kernel_sets if m.cpu_conv_kernels else [None],
                         both[args.cp] if mode == 'train' else [False], both[args.compile]):
                     if cp and not m.supports_cp:
                         continue
@@ -74,7 +76,7 @@ def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
                     if flops:
                         counted.add((m.key, hw))
                     rows.append(B.Row(model=m, size=hw, mode=mode, attn=attn, layout=layout,
-                                      with_cp=cp, compile=comp, batch=args.batch_size,
+                                      kernels=kernels, with_cp=cp, compile=comp, batch=batch,
                                       threads=args.threads, device=args.device, runs=args.runs,
                                       warmup=args.warmup, max_seconds=args.max_seconds,
                                       flops=flops))
@@ -92,6 +94,7 @@ def summaries(results: Sequence[B.Result]) -> Dict[str, List[B.Pair]]:
                       B.pairs([r for r in eager if r.attn is None],
                               dict(layout=('channels_last', 'nchw')))),
         compiled_vs_eager=B.pairs(results, dict(compile=(True, False))),
+        kernels_vs_plain=B.pairs(results, dict(kernels=('mmhat', 'plain'))),
         with_cp_vs_plain=B.pairs([r for r in results if r.mode == 'train'],
                                  dict(with_cp=(True, False))))
 
@@ -101,7 +104,8 @@ def peer_ratios(results: Sequence[B.Result], ref: Optional[str]) -> Dict[int, B.
     if ref is None:
         return {}
     pairs = B.pairs(results, dict(model_key=(B.ANY, ref), attn=(B.ANY, None),
-                                  layout=(B.ANY, None)), same_model=False)
+                                  layout=(B.ANY, None), kernels=(B.ANY, None)),
+                    same_model=False)
     return {id(p.result): p for p in pairs}
 
 
@@ -124,15 +128,17 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
         f'{m["threads"]} thread(s) asked)',
         f'- float32 matmul {mm["n"]}x{mm["n"]}: {mm["latency_s"] * 1e3:.1f} ms median = '
         f'{mm["gflops_per_s"]:.1f} GFLOP/s (1 FMA = 1 FLOP, as get_flops counts)',
-        f'- batch {st["batch_size"]}; median of up to {st["runs"]} runs after {st["warmup"]} '
+        f'- batch {batches_text(st["batch_size"])}; median of up to {st["runs"]} runs after {st["warmup"]} '
         f'warm-up; peak memory = rise during the first pass of a separate process '
         f'({mem_method})', '']
 
     def cells_or_error(r, cells):
         return cells if r.ok else [f'error: {r.error}']
 
-    base = [('model', lambda r: r.model), ('input', lambda r: B.fmt_size(r.size)),
-            ('path', lambda r: r.path())]
+    several_batches = len({r.batch for r in results}) > 1
+    batch_column = [('batch', lambda r: r.batch)] if several_batches else []
+    base = [('model', lambda r: r.model), ('input', lambda r: B.fmt_size(r.size))] + \
+        batch_column + [('path', lambda r: r.path())]
     timing = [('latency (ms)', lambda r: f(r.latency_s and r.latency_s * 1e3, '.1f')),
               ('img/s', lambda r: f(r.throughput)), ('peak mem (MB)',
                                                      lambda r: f(r.peak_mem_mb, '.0f'))]
@@ -158,7 +164,8 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
     pair_base = [('model', lambda p: p.result.model + (' (NCHW)' if p.result.layout == 'nchw'
                                                         else '')),
                  ('input', lambda p: B.fmt_size(p.result.size)), ('mode', lambda p: p.result.mode),
-                 ('with_cp', lambda p: 'on' if p.result.with_cp else 'off')]
+                 ('with_cp', lambda p: 'on' if p.result.with_cp else 'off')] + \
+        [('batch', lambda p: p.result.batch)] * several_batches
     sections = [
         ('fused_vs_explicit', 'Fused (SDPA) vs explicit attention',
          pair_base + [('speed-up (fused/explicit)', lambda p: f(p.speedup)),
@@ -173,6 +180,10 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
          [('speed-up (compiled/eager)', lambda p: f(p.speedup)),
           ('memory ratio', lambda p: f(p.mem_ratio)),
           ('compile time (s)', lambda p: f(p.result.compile_s, '.0f'))]),
+        ('kernels_vs_plain', "mmhat's CPU conv kernels (layers.conv) vs plain nn.Conv2d",
+         pair_base + [('path', lambda p: p.result.path()),
+                      ('speed-up (kernels/plain)', lambda p: f(p.speedup)),
+                      ('memory ratio (kernels/plain)', lambda p: f(p.mem_ratio))]),
         ('with_cp_vs_plain', 'Activation checkpointing (with_cp) vs plain, training step',
          pair_base[:2] + [('path', lambda p: p.result.path()),
                           ('peak mem plain (MB)', lambda p: f(p.reference.peak_mem_mb, '.0f')),
@@ -224,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='conv weights of mmhat backbones: channels-last as built, NCHW as the '
                         'official models (the reference), or both, which adds a table against '
                         'the reference (explicit attention, NCHW); peers run as mmdet builds them')
+    p.add_argument('--kernels', choices=['mmhat', 'plain', 'both'], default='mmhat',
+                   help="families with CPU conv kernels (layers.conv): mmhat's, plain "
+                        'nn.Conv2d, or both, which adds a kernels/plain table')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -233,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='cpu', help='cpu or cuda[:i]')
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads (default 1: shared 2-core machines, see docstring)')
-    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--batch-size', type=int, nargs='+', default=[1],
+                   help='batch sizes; each is a row of its own (default: 1)')
     p.add_argument('--runs', type=int, default=5, help='timed passes per row (median)')
     p.add_argument('--warmup', type=int, default=1,
                    help='untimed passes before the timed ones (>= 1)')
@@ -282,11 +297,11 @@ def profile_markdown(profiles: Sequence[Dict[str, Any]], machine: Dict[str, Any]
              '| model | input | batch | step (ms) | forward (ms) | backward (ms) | backward / '
              'forward |', '|---|---|---|---|---|---|---|']
     for p in profiles:
-        lines.append(f'| {p["model"]} | {p["size"]} | {p["batch"]} | {p["total_ms"]:.0f} | '
+        lines.append(f'| {profile_label(p)} | {p["size"]} | {p["batch"]} | {p["total_ms"]:.0f} | '
                      f'{p["forward_ms"]:.0f} | {p["backward_ms"]:.0f} | '
                      f'{p["backward_ms"] / p["forward_ms"]:.2f} |')
     for p in profiles:
-        lines += ['', f'## {p["model"]}, {p["size"]}, batch {p["batch"]}', '',
+        lines += ['', f'## {profile_label(p)}, {p["size"]}, batch {p["batch"]}', '',
                   '| operator | phase | self (ms) | share | calls | allocated (MB) |',
                   '|---|---|---|---|---|---|']
         lines += [f'| `{r["op"]}` | {r["phase"]} | {r["self_ms"]:.1f} | {r["share"]:.1%} | '
@@ -297,16 +312,24 @@ def profile_markdown(profiles: Sequence[Dict[str, Any]], machine: Dict[str, Any]
     return '\n'.join(lines) + '\n'
 
 
+def profile_label(p: Dict[str, Any]) -> str:
+    return p['model'] + (' (plain convs)' if p.get('kernels') == 'plain' else '')
+
+
 def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
     """``--profile``: each (model, train size, batch) profiled in this process, in turn."""
     profiles = []
     for hw in [B.parse_size(s) for s in list(args.train_sizes) + list(args.sizes)]:
         for m in models:
-            for batch in args.profile_batches:
+            for batch, kernels in itertools.product(
+                    args.profile_batches,
+                    (['mmhat', 'plain'] if args.kernels == 'both' else [args.kernels])
+                    if m.cpu_conv_kernels else [None]):
                 row = B.Row(model=m, size=hw, mode='train',
                             attn='fused' if m.switchable_attn else None,
-                            layout='channels_last' if m.is_mmhat else None, batch=batch,
-                            threads=args.threads, device=args.device, warmup=args.warmup)
+                            layout='channels_last' if m.is_mmhat else None, kernels=kernels,
+                            batch=batch, threads=args.threads, device=args.device,
+                            warmup=args.warmup)
                 print(f'profiling {row.describe()}', file=sys.stderr, flush=True)
                 profiles.append(B.profile_train_step(row, top=args.profile_top))
                 gc.collect()
@@ -322,9 +345,14 @@ def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
     return 0
 
 
-def plot_title(machine: Dict[str, Any], batch: int) -> str:
+def batches_text(batch_size) -> str:
+    """``--batch-size`` as the report states it (reports before it took several: an int)."""
+    return ', '.join(map(str, batch_size)) if isinstance(batch_size, list) else str(batch_size)
+
+
+def plot_title(machine: Dict[str, Any], batch_size) -> str:
     return (f'{machine["device_name"]}, {machine["threads"]} thread(s), torch '
-            f'{machine["torch"]}, batch {batch}')
+            f'{machine["torch"]}, batch {batches_text(batch_size)}')
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -96,6 +96,8 @@ class ModelSpec:
     is_mmhat: bool = False
     supports_cp: bool = False
     switchable_attn: bool = False
+    #: has convolutions with CPU training kernels (``layers.conv``), switchable to nn.Conv2d
+    cpu_conv_kernels: bool = False
     source: str = 'mmhat'  # 'mmhat', 'mmdet' (registry) or 'timm'
 
 
@@ -107,6 +109,7 @@ class Row:
     mode: str = 'infer'  # 'infer' or 'train'
     attn: Optional[str] = None  # 'fused' / 'explicit' for families with both paths
     layout: Optional[str] = None  # 'channels_last' / 'nchw' for mmhat backbones
+    kernels: Optional[str] = None  # 'mmhat' / 'plain' (nn.Conv2d) where a family has both
     with_cp: bool = False
     compile: bool = False
     precision: str = 'fp32'
@@ -122,6 +125,7 @@ class Row:
     def describe(self) -> str:
         parts = [self.model.label, fmt_size(self.size), self.mode, self.precision]
         parts += [p for p in (self.attn, 'NCHW' if self.layout == 'nchw' else None,
+                              'plain convs' if self.kernels == 'plain' else None,
                               'with_cp' if self.with_cp else None,
                               'compiled' if self.compile else None) if p]
         return ' '.join(parts)
@@ -147,6 +151,7 @@ class Result:
     runs: int
     warmup: int
     phase: str
+    kernels: Optional[str] = None
     latency_s: Optional[float] = None
     latency_all_s: List[float] = field(default_factory=list)
     throughput: Optional[float] = None
@@ -168,8 +173,8 @@ class Result:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(model=row.model.label, model_key=row.model.key, model_type=row.model.type,
                    arch=row.model.arch, size=list(row.size), mode=row.mode, attn=row.attn,
-                   layout=row.layout, with_cp=row.with_cp, compile=row.compile,
-                   precision=row.precision, batch=row.batch, threads=row.threads,
+                   layout=row.layout, kernels=row.kernels, with_cp=row.with_cp,
+                   compile=row.compile, precision=row.precision, batch=row.batch, threads=row.threads,
                    device=row.device, runs=row.runs, warmup=row.warmup, phase=row.phase,
                    **{k: v for k, v in measured.items() if k in known})
 
@@ -178,15 +183,17 @@ class Result:
         return self.error is None and self.latency_s is not None
 
     def path(self) -> str:
-        """The attention path, NCHW weights and torch.compile of the row, in words."""
+        """The attention path, NCHW weights, plain convolutions and torch.compile of the row,
+        in words."""
         return ((self.attn or '—') + (', NCHW' if self.layout == 'nchw' else '') +
+                (', plain convs' if self.kernels == 'plain' else '') +
                 (' + compile' if self.compile else ''))
 
     def is_default_path(self) -> bool:
         """The model as users get it: fused attention where there is a choice,
-        channels-last weights for mmhat models, eager."""
+        channels-last weights and mmhat's CPU conv kernels for mmhat models, eager."""
         return (self.attn in ('fused', None) and self.layout in ('channels_last', None)
-                and not self.compile)
+                and self.kernels in ('mmhat', None) and not self.compile)
 
 
 def fmt_size(hw: Sequence[int]) -> str:
@@ -333,7 +340,8 @@ def mmhat_spec(type_name: str, arch: Optional[str] = None) -> ModelSpec:
     label = f'{cls.__name__}-{arch}'
     return ModelSpec(key=label, label=label, cfg=dict(type=f'mmhat.{cls.__name__}', arch=arch),
                      type=f'mmhat.{cls.__name__}', arch=arch, is_mmhat=True, supports_cp=True,
-                     switchable_attn=cls.fused_attention)
+                     switchable_attn=cls.fused_attention,
+                     cpu_conv_kernels=cls.cpu_conv_kernels)
 
 
 def config_spec(path: str) -> ModelSpec:
@@ -517,6 +525,27 @@ def attention_path(attn: Optional[str]):
         set_fused_attn(before)
 
 
+@contextlib.contextmanager
+def conv_kernels(kernels: Optional[str]):
+    """mmhat's CPU conv kernels (``'mmhat'``) or plain ``nn.Conv2d`` (``'plain'``) for the
+    block (``layers.conv.set_cpu_kernels``)."""
+    from mmhat.models.layers import set_cpu_kernels, use_cpu_kernels
+    before = use_cpu_kernels()
+    if kernels is not None:
+        set_cpu_kernels(kernels == 'mmhat')
+    try:
+        yield
+    finally:
+        set_cpu_kernels(before)
+
+
+@contextlib.contextmanager
+def row_paths(row: 'Row'):
+    """The attention path and conv kernels of ``row``, for the block."""
+    with attention_path(row.attn), conv_kernels(row.kernels):
+        yield
+
+
 def output_loss(outs: Sequence[torch.Tensor]) -> torch.Tensor:
     """One scalar that depends on every output, so that backward reaches every stage."""
     return sum(o.float().square().mean() for o in outs)
@@ -562,7 +591,7 @@ def measure(row: Row, matmul_gflops_per_s: Optional[float] = None) -> Result:
         # Before anything is allocated, so that the heap never holds a large freed block.
         exact = _set_mmap_threshold(128 * 1024)
     device = torch.device(row.device)
-    with attention_path(row.attn):
+    with row_paths(row):
         model, x = prepare(row)
         # torch.compile (inductor) wraps the module; parameters, and so the backward, are shared.
         net = torch.compile(model) if row.compile else model
@@ -625,7 +654,7 @@ def profile_train_step(row: Row, top: int = 12) -> Dict[str, Any]:
     memory each operator allocates. Shares are of the step's total self time."""
     from torch.profiler import ProfilerActivity, profile, record_function
     torch.set_num_threads(row.threads)
-    with attention_path(row.attn):
+    with row_paths(row):
         model, x = prepare(row)
         for _ in range(max(1, row.warmup)):
             output_loss(model(x)).backward()
@@ -661,7 +690,8 @@ def profile_train_step(row: Row, top: int = 12) -> Dict[str, Any]:
     ops = sorted(({'op': k[0], 'phase': k[1], **v, 'share': v['self_ms'] / total}
                   for k, v in by_op.items()), key=lambda r: -r['self_ms'])
     return dict(model=row.model.label, size=fmt_size(row.size), batch=row.batch,
-                threads=row.threads, attn=row.attn, layout=row.layout, with_cp=row.with_cp,
+                threads=row.threads, attn=row.attn, layout=row.layout, kernels=row.kernels,
+                with_cp=row.with_cp,
                 total_ms=total, forward_ms=totals['forward'], backward_ms=totals['backward'],
                 top=ops[:top],
                 kinds=sorted(({'kind': k[0], 'phase': k[1], 'self_ms': v, 'share': v / total}
@@ -725,7 +755,7 @@ def train_steps_finite(row: Row, steps: int, lr: float = 1e-4) -> Dict[str, Any]
     and every applied update stayed finite. A scaler that skips a step on an overflow is
     doing its job and is counted, not failed."""
     device = torch.device(row.device)
-    with attention_path(row.attn):
+    with row_paths(row):
         model, x = prepare(dataclasses.replace(row, mode='train'))
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         scaler = compat.grad_scaler(device.type) if row.precision == 'fp16' else None
@@ -866,7 +896,8 @@ def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry
 # Pairing and rendering
 # ---------------------------------------------------------------------------------------
 #: the axes that define a measurement, besides the model
-AXES = ('size', 'mode', 'attn', 'layout', 'with_cp', 'compile', 'precision', 'batch')
+AXES = ('size', 'mode', 'attn', 'layout', 'kernels', 'with_cp', 'compile', 'precision',
+        'batch')
 
 
 @dataclass
@@ -955,6 +986,7 @@ def plot_results(results: Sequence[Result], title: str, path: Path, all_paths: b
     series: Dict[Tuple[str, bool, bool], List[Tuple[float, float, float]]] = {}
     ticks: Dict[float, str] = {}
     precisions = {r.precision for r in results if r.mode == 'infer' and r.ok}
+    batches = {r.batch for r in results if r.mode == 'infer' and r.ok}
     for r in results:
         if r.mode != 'infer' or not r.ok:
             continue
@@ -962,7 +994,8 @@ def plot_results(results: Sequence[Result], title: str, path: Path, all_paths: b
         if not (default or all_paths):
             continue
         name = r.model + ('' if default else f' ({r.path()})') + (
-            f' {r.precision}' if len(precisions) > 1 else '')
+            f' {r.precision}' if len(precisions) > 1 else '') + (
+            f' batch {r.batch}' if len(batches) > 1 else '')
         mpix = r.size[0] * r.size[1] / 1e6
         ticks[mpix] = fmt_size(r.size)
         ours = r.model_type.startswith('mmhat.')

@@ -158,6 +158,32 @@ def test_channels_last_is_a_keyword(cls):
     assert convs and all(w.is_contiguous() for w in convs)
 
 
+@pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
+def test_cpu_conv_kernels_fact_and_equality(cls):
+    """``cpu_conv_kernels`` says whether the family builds the CPU training kernels (the
+    benchmark's ``--kernels both`` reads it), and the kernels train like ``nn.Conv2d``."""
+    from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d, set_cpu_kernels
+    model = contract.build(cls).double().train()
+    kinds = {type(m) for m in model.modules()} & {DepthwiseConv2d, PointwiseConv2d}
+    assert bool(kinds) == cls.cpu_conv_kernels
+    if not kinds:
+        return
+    x = torch.randn(2, 3, 67, 91, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for enabled in (True, False):
+        set_cpu_kernels(enabled)
+        try:
+            model.zero_grad(set_to_none=True)
+            sum((o * o).sum() for o in model(x)).backward()
+        finally:
+            set_cpu_kernels(True)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    # a conv bias before a BatchNorm has a zero gradient in exact math: rounding noise only
+    floor = 1e-9 * max(g.abs().max().item() for g in grads[1].values())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-9, atol=floor, msg=name)
+
+
 @pytest.mark.parametrize('cls', FUSED_FAMILIES, ids=[c.__name__ for c in FUSED_FAMILIES])
 def test_fused_equals_explicit_at_padded_sizes(cls):
     torch.manual_seed(0)

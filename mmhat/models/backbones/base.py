@@ -18,7 +18,7 @@ A family (one file in this folder) supplies its parts and declares its facts:
   :meth:`PyramidBackbone.convert_checkpoint`;
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
-  ``fused_attention``, ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``,
+  ``fused_attention``, ``cpu_conv_kernels``, ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``,
   ``position_encoding_keys``, ``internal_padding``, and ``publication`` (a :class:`Publication`:
   the paper, the authors' code and where they publish checkpoints, read by the model index).
 
@@ -191,6 +191,9 @@ class PyramidBackbone(BaseModule):
     #: whether the family's attention is softmax attention with a fused (SDPA) path next to
     #: the explicit one (``fused_attn`` argument, :func:`mmhat.models.layers.set_fused_attn`)
     fused_attention: bool = False
+    #: whether the family builds ``layers.PointwiseConv2d`` / ``DepthwiseConv2d`` (CPU training
+    #: kernels that ``layers.set_cpu_kernels(False)`` turns back into plain ``nn.Conv2d``)
+    cpu_conv_kernels: bool = False
     #: whether some stage pads its maps at sizes that are not multiples of its windows or
     #: merge strides (tracing freezes whether each pad happens: ONNX dynamic sizes)
     internal_padding: bool = False

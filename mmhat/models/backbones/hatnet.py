@@ -29,8 +29,9 @@ from mmengine.model.weight_init import trunc_normal_init
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (attention, ceil_pool2d, drop_path, head_dims, merge_heads_nchw,
-                      pad_amounts, split_heads_nchw, use_fused_attn, window_attention)
+from ..layers import (DepthwiseConv2d, PointwiseConv2d, attention, ceil_pool2d, drop_path,
+                      head_dims, merge_heads_nchw, pad_amounts, split_heads_nchw,
+                      use_fused_attn, window_attention)
 from .base import Publication, PyramidBackbone, PyramidStage
 
 
@@ -73,13 +74,13 @@ class HATAttention(nn.Module):
         self.scale = head_dims(embed_dims, num_heads)**-0.5
         self.fused = fused
         self.norm = build_norm_layer(norm_cfg, embed_dims)[1]
-        self.qkv = nn.Conv2d(embed_dims, embed_dims * 3, 1)
-        self.proj = nn.Conv2d(embed_dims, embed_dims, 1)
+        self.qkv = PointwiseConv2d(embed_dims, embed_dims * 3)
+        self.proj = PointwiseConv2d(embed_dims, embed_dims)
         if grid_size > 1:
             self.grid_norm = build_norm_layer(norm_cfg, embed_dims)[1]
             self.ds_norm = build_norm_layer(norm_cfg, embed_dims)[1]
-            self.q = nn.Conv2d(embed_dims, embed_dims, 1)
-            self.kv = nn.Conv2d(embed_dims, embed_dims * 2, 1)
+            self.q = PointwiseConv2d(embed_dims, embed_dims)
+            self.kv = PointwiseConv2d(embed_dims, embed_dims * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``, any H and W."""
@@ -128,12 +129,11 @@ class InvertedResidual(nn.Module):
             return build_norm_layer(norm_cfg, channels)[1] if present else nn.Identity()
 
         self.pre_norm = norm(embed_dims, pre_norm)
-        self.expand = nn.Conv2d(embed_dims, hidden, 1, bias=False)
+        self.expand = PointwiseConv2d(embed_dims, hidden, bias=False)
         self.expand_norm = norm(hidden, inner_norms)
-        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2,
-                                groups=hidden, bias=False)
+        self.dwconv = DepthwiseConv2d(hidden, kernel_size, bias=False)
         self.dw_norm = norm(hidden, inner_norms)
-        self.project = nn.Conv2d(hidden, embed_dims, 1, bias=False)
+        self.project = PointwiseConv2d(hidden, embed_dims, bias=False)
         self.out_norm = norm(embed_dims, True)
         self.act = build_activation_layer(act_cfg)
 
@@ -226,6 +226,7 @@ class HATNet(PyramidBackbone):
     }
     smallest_arch, base_size_arch = 'tiny', 'medium'
     fused_attention = True
+    cpu_conv_kernels = True
     internal_padding = True
     default_norm_cfg = dict(type='GN', num_groups=1, eps=1e-6)
     default_act_cfg = dict(type='SiLU')

@@ -16,7 +16,7 @@ from mmcv.cnn import build_activation_layer, build_norm_layer
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import ceil_pool2d
+from ..layers import PointwiseConv2d, ceil_pool2d
 from .base import Publication
 from .hatnet import HATNet
 
@@ -33,7 +33,7 @@ class TwoBranchDownsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(in_dims, out_dims, 3, stride=2, padding=1)
         self.norm1 = build_norm_layer(norm_cfg, out_dims)[1]
-        self.residual = nn.Conv2d(in_dims, out_dims, 1)
+        self.residual = PointwiseConv2d(in_dims, out_dims)
         self.norm2 = build_norm_layer(norm_cfg, out_dims)[1]
         self.act = build_activation_layer(act_cfg)
 
