@@ -178,19 +178,21 @@ def test_reference_rows_are_planned_for_mmhat_models_and_reported():
 
 
 def test_kernel_rows_and_batches_are_planned_paired_and_reported():
-    """--kernels both --batch-size 1 2: families with CPU conv kernels get a plain nn.Conv2d
-    twin per batch (other families and peers do not), each paired with its twin of the same
-    batch; the report has the kernels/plain table and a batch column."""
+    """--kernels both --batch-size 1 2: families with training kernels (conv kernels or fused
+    attention, whose with_cp replays it) get a plain twin per batch (GroupMixFormer and peers
+    do not), each paired with its twin of the same batch; the report has the kernels/plain
+    table and a batch column."""
     tool = load_tool()
     args = tool.build_parser().parse_args(
-        ['mmhat.HATNet', 'mmhat.ShuntedTransformer', '--peers', 'r50', '--modes', 'train',
+        ['mmhat.HATNet', 'mmhat.GroupMixFormer', '--peers', 'r50', '--modes', 'train',
          '--train-sizes', '64', '--kernels', 'both', '--cp', 'off', '--batch-size', '1', '2'])
-    hat, sht, r50 = (B.resolve_model(k) for k in ('mmhat.HATNet', 'mmhat.ShuntedTransformer',
+    hat, gmf, r50 = (B.resolve_model(k) for k in ('mmhat.HATNet', 'mmhat.GroupMixFormer',
                                                     'r50'))
-    rows = tool.plan_rows([hat, sht, r50], args)
+    rows = tool.plan_rows([hat, gmf, r50], args)
     assert [(r.batch, r.kernels) for r in rows if r.model is hat] == [
         (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
-    assert [(r.batch, r.kernels) for r in rows if r.model is sht] == [(1, None), (2, None)]
+    assert [(r.batch, r.kernels) for r in rows if r.model is gmf] == [(1, None), (2, None)]
+    assert B.resolve_model('mmhat.ShuntedTransformer').train_kernels  # with_cp replay
     assert [(r.batch, r.kernels) for r in rows if r.model is r50] == [(1, None), (2, None)]
     results = [result(hat, mode='train', attn='fused', layout='channels_last', kernels=k,
                       batch=b, latency_s=t, peak_mem_mb=m)
@@ -212,20 +214,20 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
                   settings=dict(ref_label=None, batch_size=[1, 2], runs=3, warmup=1))
     md = tool.to_markdown(report, results, s, {})
     assert '- batch 1, 2;' in md
-    assert "## mmhat's CPU conv kernels (layers.conv) vs plain nn.Conv2d" in md
-    assert '| HATNet-tiny | 64x96 | 2 | fused, plain convs | off | 2100.0 |' in md
+    assert "## mmhat's training kernels vs plain (nn.Conv2d, with_cp recomputing" in md
+    assert '| HATNet-tiny | 64x96 | 2 | fused, plain kernels | off | 2100.0 |' in md
     assert '| HATNet-tiny | 64x96 | train | off | 2 | fused | 1.40 | 0.91 |' in md
 
 
 def test_row_paths_set_and_restore_the_process_defaults():
-    from mmhat.models.layers import use_cpu_kernels, use_fused_attn
+    from mmhat.models.layers import use_attention_replay, use_cpu_kernels, use_fused_attn
     row = B.Row(model=B.resolve_model('mmhat.HATNet'), size=(64, 64), attn='explicit',
                 kernels='plain')
-    assert use_cpu_kernels() and use_fused_attn()
+    assert use_cpu_kernels() and use_fused_attn() and use_attention_replay()
     with B.row_paths(row):
-        assert not use_cpu_kernels() and not use_fused_attn()
-    assert use_cpu_kernels() and use_fused_attn()
-    assert 'explicit plain convs' in row.describe()
+        assert not use_cpu_kernels() and not use_fused_attn() and not use_attention_replay()
+    assert use_cpu_kernels() and use_fused_attn() and use_attention_replay()
+    assert 'explicit plain kernels' in row.describe()
 
 
 def test_peer_ratios_pair_every_row_with_the_reference_peer():

@@ -68,7 +68,7 @@ def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
                 for batch, attn, layout, kernels, cp, comp in itertools.product(
                         args.batch_size, attn_paths if m.switchable_attn else [None],
                         layouts if m.is_mmhat else [None],
-                        kernel_sets if m.cpu_conv_kernels else [None],
+                        kernel_sets if m.train_kernels else [None],
                         both[args.cp] if mode == 'train' else [False], both[args.compile]):
                     if cp and not m.supports_cp:
                         continue
@@ -180,7 +180,8 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
          [('speed-up (compiled/eager)', lambda p: f(p.speedup)),
           ('memory ratio', lambda p: f(p.mem_ratio)),
           ('compile time (s)', lambda p: f(p.result.compile_s, '.0f'))]),
-        ('kernels_vs_plain', "mmhat's CPU conv kernels (layers.conv) vs plain nn.Conv2d",
+        ('kernels_vs_plain', "mmhat's training kernels vs plain (nn.Conv2d, with_cp recomputing "
+         'the attention)',
          pair_base + [('path', lambda p: p.result.path()),
                       ('speed-up (kernels/plain)', lambda p: f(p.speedup)),
                       ('memory ratio (kernels/plain)', lambda p: f(p.mem_ratio))]),
@@ -236,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'official models (the reference), or both, which adds a table against '
                         'the reference (explicit attention, NCHW); peers run as mmdet builds them')
     p.add_argument('--kernels', choices=['mmhat', 'plain', 'both'], default='mmhat',
-                   help="families with CPU conv kernels (layers.conv): mmhat's, plain "
-                        'nn.Conv2d, or both, which adds a kernels/plain table')
+                   help="mmhat's training kernels (the CPU convolutions of layers.conv, "
+                        "with_cp's attention replay), plain (nn.Conv2d, with_cp recomputing "
+                        'the whole block), or both, which adds a kernels/plain table')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -313,7 +315,7 @@ def profile_markdown(profiles: Sequence[Dict[str, Any]], machine: Dict[str, Any]
 
 
 def profile_label(p: Dict[str, Any]) -> str:
-    return p['model'] + (' (plain convs)' if p.get('kernels') == 'plain' else '')
+    return p['model'] + (' (plain kernels)' if p.get('kernels') == 'plain' else '')
 
 
 def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
@@ -324,7 +326,7 @@ def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
             for batch, kernels in itertools.product(
                     args.profile_batches,
                     (['mmhat', 'plain'] if args.kernels == 'both' else [args.kernels])
-                    if m.cpu_conv_kernels else [None]):
+                    if m.train_kernels else [None]):
                 row = B.Row(model=m, size=hw, mode='train',
                             attn='fused' if m.switchable_attn else None,
                             layout='channels_last' if m.is_mmhat else None, kernels=kernels,

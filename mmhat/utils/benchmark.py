@@ -96,8 +96,9 @@ class ModelSpec:
     is_mmhat: bool = False
     supports_cp: bool = False
     switchable_attn: bool = False
-    #: has convolutions with CPU training kernels (``layers.conv``), switchable to nn.Conv2d
-    cpu_conv_kernels: bool = False
+    #: has mmhat's training kernels (``layers.conv``'s CPU convolutions, ``with_cp``'s
+    #: attention replay), which rows can switch off (``kernels='plain'``)
+    train_kernels: bool = False
     source: str = 'mmhat'  # 'mmhat', 'mmdet' (registry) or 'timm'
 
 
@@ -109,7 +110,7 @@ class Row:
     mode: str = 'infer'  # 'infer' or 'train'
     attn: Optional[str] = None  # 'fused' / 'explicit' for families with both paths
     layout: Optional[str] = None  # 'channels_last' / 'nchw' for mmhat backbones
-    kernels: Optional[str] = None  # 'mmhat' / 'plain' (nn.Conv2d) where a family has both
+    kernels: Optional[str] = None  # 'mmhat' / 'plain' (see train_kernels) where a family has both
     with_cp: bool = False
     compile: bool = False
     precision: str = 'fp32'
@@ -125,7 +126,7 @@ class Row:
     def describe(self) -> str:
         parts = [self.model.label, fmt_size(self.size), self.mode, self.precision]
         parts += [p for p in (self.attn, 'NCHW' if self.layout == 'nchw' else None,
-                              'plain convs' if self.kernels == 'plain' else None,
+                              'plain kernels' if self.kernels == 'plain' else None,
                               'with_cp' if self.with_cp else None,
                               'compiled' if self.compile else None) if p]
         return ' '.join(parts)
@@ -183,15 +184,15 @@ class Result:
         return self.error is None and self.latency_s is not None
 
     def path(self) -> str:
-        """The attention path, NCHW weights, plain convolutions and torch.compile of the row,
-        in words."""
+        """The attention path, NCHW weights, plain kernels and torch.compile of the row, in
+        words."""
         return ((self.attn or '—') + (', NCHW' if self.layout == 'nchw' else '') +
-                (', plain convs' if self.kernels == 'plain' else '') +
+                (', plain kernels' if self.kernels == 'plain' else '') +
                 (' + compile' if self.compile else ''))
 
     def is_default_path(self) -> bool:
         """The model as users get it: fused attention where there is a choice,
-        channels-last weights and mmhat's CPU conv kernels for mmhat models, eager."""
+        channels-last weights and mmhat's training kernels for mmhat models, eager."""
         return (self.attn in ('fused', None) and self.layout in ('channels_last', None)
                 and self.kernels in ('mmhat', None) and not self.compile)
 
@@ -341,7 +342,7 @@ def mmhat_spec(type_name: str, arch: Optional[str] = None) -> ModelSpec:
     return ModelSpec(key=label, label=label, cfg=dict(type=f'mmhat.{cls.__name__}', arch=arch),
                      type=f'mmhat.{cls.__name__}', arch=arch, is_mmhat=True, supports_cp=True,
                      switchable_attn=cls.fused_attention,
-                     cpu_conv_kernels=cls.cpu_conv_kernels)
+                     train_kernels=cls.cpu_conv_kernels or cls.fused_attention)
 
 
 def config_spec(path: str) -> ModelSpec:
@@ -526,23 +527,27 @@ def attention_path(attn: Optional[str]):
 
 
 @contextlib.contextmanager
-def conv_kernels(kernels: Optional[str]):
-    """mmhat's CPU conv kernels (``'mmhat'``) or plain ``nn.Conv2d`` (``'plain'``) for the
-    block (``layers.conv.set_cpu_kernels``)."""
-    from mmhat.models.layers import set_cpu_kernels, use_cpu_kernels
-    before = use_cpu_kernels()
+def train_kernels(kernels: Optional[str]):
+    """mmhat's training kernels (``'mmhat'``) or none of them (``'plain'``) for the block:
+    the CPU convolutions of ``layers.conv`` (plain: ``nn.Conv2d``) and ``with_cp``'s attention
+    replay (plain: the whole block is recomputed)."""
+    from mmhat.models.layers import (set_attention_replay, set_cpu_kernels,
+                                     use_attention_replay, use_cpu_kernels)
+    before = use_cpu_kernels(), use_attention_replay()
     if kernels is not None:
         set_cpu_kernels(kernels == 'mmhat')
+        set_attention_replay(kernels == 'mmhat')
     try:
         yield
     finally:
-        set_cpu_kernels(before)
+        set_cpu_kernels(before[0])
+        set_attention_replay(before[1])
 
 
 @contextlib.contextmanager
 def row_paths(row: 'Row'):
     """The attention path and conv kernels of ``row``, for the block."""
-    with attention_path(row.attn), conv_kernels(row.kernels):
+    with attention_path(row.attn), train_kernels(row.kernels):
         yield
 
 

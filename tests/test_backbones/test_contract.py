@@ -185,6 +185,61 @@ def test_cpu_conv_kernels_fact_and_equality(cls):
 
 
 @pytest.mark.parametrize('cls', FUSED_FAMILIES, ids=[c.__name__ for c in FUSED_FAMILIES])
+def test_with_cp_replays_the_fused_attention_instead_of_recomputing_it(cls, monkeypatch):
+    """with_cp keeps each block's fused attention and its recomputation runs no attention
+    kernel (``KeptAttention``); with ``set_attention_replay(False)`` it recomputes every
+    one; the explicit path is always recomputed. The gradients are the same in all three
+    (and the reference path's: tests/test_backbones/test_gradients.py)."""
+    from mmhat.models.layers import set_attention_replay
+    calls = {'forward': 0, 'backward': 0}
+    phase = ['forward']
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls[phase[0]] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', counting_sdpa)
+    model = contract.build(cls, with_cp=True).double().train()
+    x = torch.randn(1, 3, 75, 69, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seen, grads = [], []
+    for replay, fused in ((True, True), (False, True), (True, False)):
+        calls.update(forward=0, backward=0)
+        phase[0] = 'forward'
+        set_attention_replay(replay)
+        before = use_fused_attn()
+        set_fused_attn(fused)
+        try:
+            model.zero_grad(set_to_none=True)
+            loss = sum((o * o).sum() for o in model(x))
+            phase[0] = 'backward'
+            loss.backward()
+        finally:
+            set_attention_replay(True)
+            set_fused_attn(before)
+        seen.append(dict(calls))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert seen[0]['forward'] > 0 and seen[0]['backward'] == 0
+    assert seen[1] == {'forward': seen[0]['forward'], 'backward': seen[0]['forward']}
+    assert seen[2] == {'forward': 0, 'backward': 0}
+    floor = 1e-9 * max(g.abs().max().item() for g in grads[1])
+    for a, b, c in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=floor)
+        torch.testing.assert_close(c, b, rtol=1e-7, atol=floor)
+
+
+def test_kept_attention_refuses_a_recomputation_that_differs():
+    from mmhat.models.layers import KeptAttention, attention
+    kept, q = KeptAttention(), torch.randn(1, 1, 4, 8)
+    with kept.forward():
+        out = attention(q, q, q, 0.5)
+    with kept.recomputation():
+        assert torch.equal(attention(q, q, q, 0.5), out)
+        with pytest.raises(RuntimeError, match='more often than its forward'):
+            attention(q, q, q, 0.5)
+
+
+@pytest.mark.parametrize('cls', FUSED_FAMILIES, ids=[c.__name__ for c in FUSED_FAMILIES])
 def test_fused_equals_explicit_at_padded_sizes(cls):
     torch.manual_seed(0)
     contract.check_fused_equals_explicit(contract.build(cls).eval(), torch.randn(2, 3, 113, 97))

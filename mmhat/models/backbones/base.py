@@ -18,9 +18,10 @@ A family (one file in this folder) supplies its parts and declares its facts:
   :meth:`PyramidBackbone.convert_checkpoint`;
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
-  ``fused_attention``, ``cpu_conv_kernels``, ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``,
-  ``position_encoding_keys``, ``internal_padding``, and ``publication`` (a :class:`Publication`:
-  the paper, the authors' code and where they publish checkpoints, read by the model index).
+  ``fused_attention``, ``cpu_conv_kernels``, ``default_norm_cfg``, ``default_act_cfg``,
+  ``reference_name``, ``position_encoding_keys``, ``internal_padding``, and ``publication``
+  (a :class:`Publication`: the paper, the authors' code and where they publish checkpoints,
+  read by the model index).
 
 A family's own constructor options (e.g. ``fused_attn``) are stored as attributes before it
 calls ``super().__init__()``, which builds the network by calling the two builders.
@@ -40,7 +41,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from mmhat.models.layers.attention import set_fused_attn, use_fused_attn
+from mmhat.models.layers.attention import (KeptAttention, set_fused_attn, use_attention_replay,
+                                           use_fused_attn)
 from mmhat.checkpoint import (CheckpointError, Conversion, DropRule, RenameRule,
                               check_checkpoint_source, convert_state_dict, extract_state_dict,
                               load_checkpoint_file, load_state_dict_strict)
@@ -540,19 +542,23 @@ def frozen_bn_stats(module: nn.Module):
 
 def _checkpoint_contexts(block: nn.Module):
     """``context_fn`` of :func:`torch.utils.checkpoint.checkpoint` (called in the forward):
-    nothing around the forward; around the recomputation in the backward,
-    :func:`frozen_bn_stats` and the attention path the forward took, so that a
-    :func:`~mmhat.models.layers.set_fused_attn` between forward and backward cannot make the
-    recomputation differ (torch refuses it: "Recomputed values ... have different metadata")."""
-    return contextlib.nullcontext(), _recomputation(block, use_fused_attn())
+    around the forward, a :class:`~mmhat.models.layers.attention.KeptAttention` that keeps the
+    fused attention's tensors; around the recomputation in the backward, the same replaying
+    them (the recomputation runs no attention kernel), :func:`frozen_bn_stats` and the
+    attention path the forward took, so that a :func:`~mmhat.models.layers.set_fused_attn`
+    between forward and backward cannot make the recomputation differ (torch refuses it:
+    "Recomputed values ... have different metadata")."""
+    kept = KeptAttention() if use_attention_replay() else None
+    return (kept.forward() if kept else contextlib.nullcontext(),
+            _recomputation(block, use_fused_attn(), kept))
 
 
 @contextlib.contextmanager
-def _recomputation(block: nn.Module, fused: bool):
+def _recomputation(block: nn.Module, fused: bool, kept: Optional[KeptAttention]):
     before = use_fused_attn()
     set_fused_attn(fused)
     try:
-        with frozen_bn_stats(block):
+        with frozen_bn_stats(block), kept.recomputation() if kept else contextlib.nullcontext():
             yield
     finally:
         set_fused_attn(before)

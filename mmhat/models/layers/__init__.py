@@ -1,5 +1,7 @@
-"""Family-agnostic building blocks: the attention kernel, layout helpers, drop path."""
-from .attention import (AttentionCall, attention, record_attention_calls, set_fused_attn,
+"""Family-agnostic building blocks: the attention kernel, convolutions with CPU training
+kernels, layout helpers, drop path."""
+from .attention import (AttentionCall, KeptAttention, attention, record_attention_calls,
+                        set_attention_replay, set_fused_attn, use_attention_replay,
                         use_fused_attn, window_attention)
 from .conv import DepthwiseConv2d, PointwiseConv2d, set_cpu_kernels, use_cpu_kernels
 from .drop import drop_path
@@ -8,7 +10,8 @@ from .layout import (ceil_pool2d, crop, head_dims, merge_heads, merge_heads_nchw
                      window_partition, window_reverse)
 
 __all__ = [
-    'AttentionCall', 'attention', 'record_attention_calls', 'set_fused_attn', 'use_fused_attn',
+    'AttentionCall', 'KeptAttention', 'attention', 'record_attention_calls',
+    'set_attention_replay', 'set_fused_attn', 'use_attention_replay', 'use_fused_attn',
     'window_attention', 'DepthwiseConv2d', 'PointwiseConv2d', 'set_cpu_kernels',
     'use_cpu_kernels', 'drop_path', 'ceil_pool2d', 'crop', 'head_dims', 'merge_heads', 'merge_heads_nchw',
     'nchw_to_nlc', 'nlc_to_nchw', 'pad_amounts', 'pad_bottom_right', 'split_heads',

@@ -26,6 +26,9 @@ from .layout import crop, pad_bottom_right, window_partition, window_reverse
 
 _FUSED_DEFAULT = os.environ.get('MMHAT_FUSED_ATTN', '1') not in ('0', 'false', 'False')
 _RECORDERS: List[Callable[['AttentionCall'], None]] = []
+#: the :class:`KeptAttention` of the checkpointed forward or recomputation running now
+_KEPT: List['KeptAttention'] = []
+_REPLAY_DEFAULT = os.environ.get('MMHAT_CP_REPLAY_ATTN', '1') not in ('0', 'false', 'False')
 
 
 def set_fused_attn(enable: bool) -> None:
@@ -37,6 +40,18 @@ def set_fused_attn(enable: bool) -> None:
 def use_fused_attn(fused: Optional[bool] = None) -> bool:
     """Resolve a module's ``fused`` argument against the process-wide default."""
     return _FUSED_DEFAULT if fused is None else bool(fused)
+
+
+def set_attention_replay(enable: bool) -> None:
+    """Whether ``with_cp`` keeps the fused attention of a block and replays it in the
+    recomputation (:class:`KeptAttention`; default True, ``MMHAT_CP_REPLAY_ATTN=0``: off,
+    the whole block is recomputed)."""
+    global _REPLAY_DEFAULT
+    _REPLAY_DEFAULT = bool(enable)
+
+
+def use_attention_replay() -> bool:
+    return _REPLAY_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,59 @@ def record_attention_calls() -> Iterator[List[AttentionCall]]:
         _RECORDERS.remove(calls.append)
 
 
+class KeptAttention:
+    """The fused attention outputs of one activation-checkpointed forward, which its
+    recomputation replays instead of computing them again.
+
+    Activation checkpointing (``with_cp``) frees a block's activations after its forward and
+    recomputes the block in the backward. The fused kernel's own saved tensors (q, k, v, its
+    output and log-sum-exp) are small next to the block's (a few channels-wide maps against
+    the FFN's expanded ones), and the kernel is the costliest part of the forward. So inside
+    :meth:`forward`, :func:`attention` keeps what SDPA saves for its backward (outside the
+    checkpoint's saved-tensor hooks) and remembers its output; inside :meth:`recomputation`
+    it hands the same outputs back, in call order, and computes nothing. The values the
+    recomputation produces are the forward's exactly. The explicit path keeps nothing: its
+    (N_q, N_k) matrix is what checkpointing exists to free.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: List[Optional[torch.Tensor]] = []
+        self.replaying = False
+        self.next = 0
+
+    @contextlib.contextmanager
+    def forward(self) -> Iterator[None]:
+        self.outputs, self.replaying = [], False
+        _KEPT.append(self)
+        try:
+            yield
+        finally:
+            _KEPT.remove(self)
+
+    @contextlib.contextmanager
+    def recomputation(self) -> Iterator[None]:
+        self.replaying, self.next = True, 0
+        _KEPT.append(self)
+        try:
+            yield
+        finally:
+            _KEPT.remove(self)
+
+    def replay(self) -> torch.Tensor:
+        if self.next >= len(self.outputs):
+            raise RuntimeError('the recomputation of a checkpointed block called the fused '
+                               'attention more often than its forward did')
+        out = self.outputs[self.next]
+        self.next += 1
+        # a leaf that requires a gradient like the forward's output did, so that the ops after
+        # it save the same tensors (an op saves less for an input that needs no gradient)
+        return out.detach().requires_grad_(out.requires_grad)
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def attention(q: torch.Tensor,
               k: torch.Tensor,
               v: torch.Tensor,
@@ -111,8 +179,17 @@ def attention(q: torch.Tensor,
         for record in _RECORDERS:
             record(call)
     if fused:
+        kept = _KEPT[-1] if _KEPT else None
+        if kept is not None and kept.replaying:
+            return kept.replay()
         q, sdpa_scale = compat.sdpa_scale_for_export(q, scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sdpa_scale)
+        if kept is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sdpa_scale)
+        # the innermost saved-tensor hooks win: these keep SDPA's tensors out of the checkpoint
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sdpa_scale)
+        kept.outputs.append(out.detach().requires_grad_(out.requires_grad))
+        return out
     # Scale the logits, not q: the official models do, and only the same operation order
     # reproduces them to float rounding.
     logits = (q @ k.transpose(-2, -1)) * scale  # (..., N_q, N_k)
