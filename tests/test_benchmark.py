@@ -192,7 +192,8 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     assert [(r.batch, r.kernels) for r in rows if r.model is hat] == [
         (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
     assert [(r.batch, r.kernels) for r in rows if r.model is gmf] == [(1, None), (2, None)]
-    assert B.resolve_model('mmhat.ShuntedTransformer').train_kernels  # with_cp replay
+    assert B.resolve_model('mmhat.ShuntedTransformer').kernel_features == ('attn-replay',)
+    assert hat.kernel_features == ('conv', 'act-recompute', 'attn-replay')
     assert [(r.batch, r.kernels) for r in rows if r.model is r50] == [(1, None), (2, None)]
     results = [result(hat, mode='train', attn='fused', layout='channels_last', kernels=k,
                       batch=b, latency_s=t, peak_mem_mb=m)
@@ -217,6 +218,49 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     assert "## mmhat's training kernels vs plain (nn.Conv2d, with_cp recomputing" in md
     assert '| HATNet-tiny | 64x96 | 2 | fused, plain kernels | off | 2100.0 |' in md
     assert '| HATNet-tiny | 64x96 | train | off | 2 | fused | 1.40 | 0.91 |' in md
+
+
+def test_kernel_ablation_rows_switch_one_feature_off_each():
+    """--kernels ablate: per family, mmhat's kernels, plain, and all-but-one of each feature
+    it has (the attention replay only with with_cp); each paired with the all-on row."""
+    tool = load_tool()
+    args = tool.build_parser().parse_args(
+        ['mmhat.HATNet', 'mmhat.ShuntedTransformer', '--peers', 'none', '--modes', 'train',
+         '--train-sizes', '64', '--kernels', 'ablate', '--cp', 'both'])
+    hat, sht = B.resolve_model('mmhat.HATNet'), B.resolve_model('mmhat.ShuntedTransformer')
+    rows = tool.plan_rows([hat, sht], args)
+    assert [(r.with_cp, r.kernels) for r in rows if r.model is hat] == [
+        (False, 'mmhat'), (True, 'mmhat'), (False, 'plain'), (True, 'plain'),
+        (False, 'no-conv'), (True, 'no-conv'), (False, 'no-act-recompute'),
+        (True, 'no-act-recompute'), (True, 'no-attn-replay')]
+    assert [(r.with_cp, r.kernels) for r in rows if r.model is sht] == [
+        (False, 'mmhat'), (True, 'mmhat'), (False, 'plain'), (True, 'plain'),
+        (True, 'no-attn-replay')]
+    results = [result(hat, mode='train', with_cp=cp, kernels=k, latency_s=t, peak_mem_mb=m)
+               for cp, k, t, m in [(False, 'mmhat', 1.0, 10.0), (False, 'no-conv', 1.1, 10.0),
+                                   (False, 'no-act-recompute', 0.96, 14.0),
+                                   (True, 'mmhat', 1.1, 4.0), (True, 'no-attn-replay', 1.3, 3.6)]]
+    ablation = tool.summaries(results)['kernel_ablation']
+    assert [(p.reference.kernels, p.result.with_cp, round(p.speedup, 2), round(p.mem_ratio, 2))
+            for p in ablation] == [('no-conv', False, 1.1, 1.0),
+                                   ('no-act-recompute', False, 0.96, 0.71),
+                                   ('no-attn-replay', True, 1.18, 1.11)]
+
+
+def test_train_kernels_switch_each_feature():
+    from mmhat.models import layers as L
+    uses = (L.use_cpu_kernels, L.use_act_recompute, L.use_attention_replay)
+    for kernels, want in [('mmhat', (True, True, True)), ('plain', (False, False, False)),
+                          ('no-conv', (False, True, True)),
+                          ('no-act-recompute', (True, False, True)),
+                          ('no-attn-replay', (True, True, False))]:
+        with B.train_kernels(kernels):
+            assert tuple(u() for u in uses) == want, kernels
+        assert all(u() for u in uses)
+    with pytest.raises(ValueError, match='unknown kernels .no-such.'):
+        with B.train_kernels('no-such'):
+            pass
+    assert all(u() for u in uses)
 
 
 def test_row_paths_set_and_restore_the_process_defaults():

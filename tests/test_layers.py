@@ -198,3 +198,87 @@ def test_nchw_copy(shape):
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     y = nchw_copy(x)
     assert torch.equal(y, x) and y.is_contiguous()
+
+
+@pytest.mark.parametrize('conv_kind', ['pointwise', 'depthwise3', 'depthwise5'])
+@pytest.mark.parametrize('input_grad', [True, False])
+def test_act_then_conv_equals_conv_of_act_and_keeps_only_the_input(conv_kind, input_grad):
+    """``act_then_conv``: the gradients of ``conv(act(x))`` in float64, with one tensor kept
+    for the backward (the input) where autograd keeps the activation too."""
+    from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d, act_then_conv
+    torch.manual_seed(0)
+    conv = (PointwiseConv2d(6, 5) if conv_kind == 'pointwise' else
+            DepthwiseConv2d(6, int(conv_kind[-1])))
+    conv = conv.double().to(memory_format=torch.channels_last)
+    act = torch.nn.SiLU()
+    x0 = torch.randn(2, 6, 7, 9, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(2, 5 if conv_kind == 'pointwise' else 6, 7, 9, dtype=torch.float64)
+
+    def run(fn):
+        x = x0.clone().requires_grad_(input_grad)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t,
+                                                      lambda t: t):
+            y = fn(x)
+        wanted = ([x] if input_grad else []) + list(conv.parameters())
+        return [y] + list(torch.autograd.grad((y * g).sum(), wanted)), kept
+
+    got, kept = run(lambda x: act_then_conv(act, conv, x))
+    want, autograd_kept = run(lambda x: torch.nn.functional.conv2d(
+        act(x), conv.weight, conv.bias, padding=conv.padding, groups=conv.groups))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert kept == [x0.shape]
+    assert autograd_kept.count(x0.shape) == (2 if input_grad else 1)  # x and act(x)
+
+
+def test_act_then_conv_falls_back_where_it_does_not_apply():
+    """An in-place activation, NCHW maps, no gradient, or ``set_act_recompute(False)``:
+    plain ``conv(act(x))`` (what autograd records is then the activation's own node)."""
+    from mmhat.models.layers import PointwiseConv2d, act_then_conv, set_act_recompute
+    conv = PointwiseConv2d(4, 4).to(memory_format=torch.channels_last)
+    cl = torch.randn(1, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def node(y):
+        return type(y.grad_fn).__name__
+
+    assert node(act_then_conv(torch.nn.SiLU(), conv, cl)) == '_ActThenConvBackward'
+    assert '_ActThenConvBackward' != node(act_then_conv(torch.nn.SiLU(), conv,
+                                                     cl.detach().contiguous().requires_grad_()))
+    inplace = act_then_conv(torch.nn.SiLU(inplace=True), conv, cl.clone())
+    assert node(inplace) != '_ActThenConvBackward'
+    try:
+        set_act_recompute(False)
+        assert node(act_then_conv(torch.nn.SiLU(), conv, cl)) != '_ActThenConvBackward'
+    finally:
+        set_act_recompute(True)
+    with torch.no_grad():
+        assert act_then_conv(torch.nn.SiLU(), conv, cl).grad_fn is None
+
+
+def test_conv_kernels_train_under_cpu_autocast():
+    """bfloat16 autocast (``tools/train.py --amp`` on the CPU): the kernels with their own
+    backward step aside, and the gradients are those of plain ``nn.Conv2d``."""
+    from mmhat import compat
+    from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d, act_then_conv
+    if not compat.autocast_supports('cpu', torch.bfloat16):
+        pytest.skip('no bfloat16 autocast on this CPU torch')
+    torch.manual_seed(0)
+    pw = PointwiseConv2d(8, 8).to(memory_format=torch.channels_last)
+    dw = DepthwiseConv2d(8, 5).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def grads(kernels: bool):
+        from mmhat.models.layers import set_cpu_kernels
+        set_cpu_kernels(kernels)
+        try:
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                y = act_then_conv(torch.nn.SiLU(), pw, dw(x))
+            return torch.autograd.grad(y.float().sum(), [x, pw.weight, dw.weight])
+        finally:
+            set_cpu_kernels(True)
+
+    for a, b in zip(grads(True), grads(False)):
+        assert a.dtype == b.dtype and torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -58,7 +58,6 @@ def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
     both = {'off': [False], 'on': [True], 'both': [False, True]}
     attn_paths = ['fused', 'explicit'] if args.attn == 'both' else [args.attn]
     layouts = ['channels_last', 'nchw'] if args.layout == 'both' else [args.layout]
-    kernel_sets = ['mmhat', 'plain'] if args.kernels == 'both' else [args.kernels]
     rows, counted = [], set()
     for hw in sizes:
         for m in models:
@@ -68,10 +67,10 @@ def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
                 for batch, attn, layout, kernels, cp, comp in itertools.product(
                         args.batch_size, attn_paths if m.switchable_attn else [None],
                         layouts if m.is_mmhat else [None],
-                        kernel_sets if m.train_kernels else [None],
+                        kernel_sets(m, args.kernels) or [None],
                         both[args.cp] if mode == 'train' else [False], both[args.compile]):
-                    if cp and not m.supports_cp:
-                        continue
+                    if (cp and not m.supports_cp) or (kernels == 'no-attn-replay' and not cp):
+                        continue  # the attention replay only acts under with_cp
                     flops = mode == 'infer' and (m.key, hw) not in counted
                     if flops:
                         counted.add((m.key, hw))
@@ -81,6 +80,17 @@ def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
                                       warmup=args.warmup, max_seconds=args.max_seconds,
                                       flops=flops))
     return rows
+
+
+def kernel_sets(m: B.ModelSpec, choice: str) -> List[str]:
+    """The ``kernels`` of a model's rows for ``--kernels``: 'both' is mmhat's and plain,
+    'ablate' adds all-but-one of each of the family's features."""
+    if not m.kernel_features:
+        return []
+    if choice in ('mmhat', 'plain'):
+        return [choice]
+    return ['mmhat', 'plain'] + ([f'no-{f}' for f in m.kernel_features]
+                                 if choice == 'ablate' else [])
 
 
 def summaries(results: Sequence[B.Result]) -> Dict[str, List[B.Pair]]:
@@ -95,6 +105,8 @@ def summaries(results: Sequence[B.Result]) -> Dict[str, List[B.Pair]]:
                               dict(layout=('channels_last', 'nchw')))),
         compiled_vs_eager=B.pairs(results, dict(compile=(True, False))),
         kernels_vs_plain=B.pairs(results, dict(kernels=('mmhat', 'plain'))),
+        kernel_ablation=[p for f in B.KERNEL_FEATURES
+                         for p in B.pairs(results, dict(kernels=('mmhat', f'no-{f}')))],
         with_cp_vs_plain=B.pairs([r for r in results if r.mode == 'train'],
                                  dict(with_cp=(True, False))))
 
@@ -185,6 +197,10 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
          pair_base + [('path', lambda p: p.result.path()),
                       ('speed-up (kernels/plain)', lambda p: f(p.speedup)),
                       ('memory ratio (kernels/plain)', lambda p: f(p.mem_ratio))]),
+        ('kernel_ablation', 'What each training kernel gives: all of them vs all but one',
+         pair_base + [('without', lambda p: p.reference.kernels[3:]),
+                      ('speed-up (all/without)', lambda p: f(p.speedup)),
+                      ('memory ratio (all/without)', lambda p: f(p.mem_ratio))]),
         ('with_cp_vs_plain', 'Activation checkpointing (with_cp) vs plain, training step',
          pair_base[:2] + [('path', lambda p: p.result.path()),
                           ('peak mem plain (MB)', lambda p: f(p.reference.peak_mem_mb, '.0f')),
@@ -236,10 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='conv weights of mmhat backbones: channels-last as built, NCHW as the '
                         'official models (the reference), or both, which adds a table against '
                         'the reference (explicit attention, NCHW); peers run as mmdet builds them')
-    p.add_argument('--kernels', choices=['mmhat', 'plain', 'both'], default='mmhat',
-                   help="mmhat's training kernels (the CPU convolutions of layers.conv, "
-                        "with_cp's attention replay), plain (nn.Conv2d, with_cp recomputing "
-                        'the whole block), or both, which adds a kernels/plain table')
+    p.add_argument('--kernels', choices=['mmhat', 'plain', 'both', 'ablate'], default='mmhat',
+                   help="mmhat's training kernels (CPU convolutions, activation recompute, "
+                        "with_cp's attention replay; mmhat.utils.benchmark.KERNEL_FEATURES), "
+                        'plain (none of them), both (a kernels/plain table), or ablate (both, '
+                        'and all but one of each: a table of what each gives)')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -315,7 +332,8 @@ def profile_markdown(profiles: Sequence[Dict[str, Any]], machine: Dict[str, Any]
 
 
 def profile_label(p: Dict[str, Any]) -> str:
-    return p['model'] + (' (plain kernels)' if p.get('kernels') == 'plain' else '')
+    return p['model'] + ('' if p.get('kernels') in (None, 'mmhat') else
+                         f' ({p["kernels"]} kernels)')
 
 
 def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
@@ -325,8 +343,9 @@ def run_profiles(models: Sequence[B.ModelSpec], args, machine, matmul) -> int:
         for m in models:
             for batch, kernels in itertools.product(
                     args.profile_batches,
-                    (['mmhat', 'plain'] if args.kernels == 'both' else [args.kernels])
-                    if m.train_kernels else [None]):
+                    kernel_sets(m, args.kernels) or [None]):
+                if kernels == 'no-attn-replay':
+                    continue  # profiles run without with_cp
                 row = B.Row(model=m, size=hw, mode='train',
                             attn='fused' if m.switchable_attn else None,
                             layout='channels_last' if m.is_mmhat else None, kernels=kernels,

@@ -96,9 +96,9 @@ class ModelSpec:
     is_mmhat: bool = False
     supports_cp: bool = False
     switchable_attn: bool = False
-    #: has mmhat's training kernels (``layers.conv``'s CPU convolutions, ``with_cp``'s
-    #: attention replay), which rows can switch off (``kernels='plain'``)
-    train_kernels: bool = False
+    #: mmhat's training kernels the family has (:data:`KERNEL_FEATURES`), which rows can
+    #: switch off (``kernels='plain'``: all; ``'no-<feature>'``: one)
+    kernel_features: Tuple[str, ...] = ()
     source: str = 'mmhat'  # 'mmhat', 'mmdet' (registry) or 'timm'
 
 
@@ -110,7 +110,7 @@ class Row:
     mode: str = 'infer'  # 'infer' or 'train'
     attn: Optional[str] = None  # 'fused' / 'explicit' for families with both paths
     layout: Optional[str] = None  # 'channels_last' / 'nchw' for mmhat backbones
-    kernels: Optional[str] = None  # 'mmhat' / 'plain' (see train_kernels) where a family has both
+    kernels: Optional[str] = None  # 'mmhat' / 'plain' / 'no-<feature>' (ModelSpec.kernel_features)
     with_cp: bool = False
     compile: bool = False
     precision: str = 'fp32'
@@ -126,7 +126,7 @@ class Row:
     def describe(self) -> str:
         parts = [self.model.label, fmt_size(self.size), self.mode, self.precision]
         parts += [p for p in (self.attn, 'NCHW' if self.layout == 'nchw' else None,
-                              'plain kernels' if self.kernels == 'plain' else None,
+                              None if self.kernels in (None, 'mmhat') else f'{self.kernels} kernels',
                               'with_cp' if self.with_cp else None,
                               'compiled' if self.compile else None) if p]
         return ' '.join(parts)
@@ -187,7 +187,7 @@ class Result:
         """The attention path, NCHW weights, plain kernels and torch.compile of the row, in
         words."""
         return ((self.attn or '—') + (', NCHW' if self.layout == 'nchw' else '') +
-                (', plain kernels' if self.kernels == 'plain' else '') +
+                ('' if self.kernels in (None, 'mmhat') else f', {self.kernels} kernels') +
                 (' + compile' if self.compile else ''))
 
     def is_default_path(self) -> bool:
@@ -342,7 +342,7 @@ def mmhat_spec(type_name: str, arch: Optional[str] = None) -> ModelSpec:
     return ModelSpec(key=label, label=label, cfg=dict(type=f'mmhat.{cls.__name__}', arch=arch),
                      type=f'mmhat.{cls.__name__}', arch=arch, is_mmhat=True, supports_cp=True,
                      switchable_attn=cls.fused_attention,
-                     train_kernels=cls.cpu_conv_kernels or cls.fused_attention)
+                     kernel_features=family_kernel_features(cls))
 
 
 def config_spec(path: str) -> ModelSpec:
@@ -526,22 +526,44 @@ def attention_path(attn: Optional[str]):
         set_fused_attn(before)
 
 
+def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], bool]]]:
+    from mmhat.models import layers as L
+    return {'conv': (L.set_cpu_kernels, L.use_cpu_kernels),
+            'act-recompute': (L.set_act_recompute, L.use_act_recompute),
+            'attn-replay': (L.set_attention_replay, L.use_attention_replay)}
+
+
+#: mmhat's training kernels, each with its process-wide switch in ``mmhat.models.layers``:
+#: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d``); ``act-recompute``:
+#: ``act_then_conv`` (off: autograd keeps the activation); ``attn-replay``: ``with_cp``
+#: replays the fused attention (off: the whole block is recomputed)
+KERNEL_FEATURES = ('conv', 'act-recompute', 'attn-replay')
+
+
+def family_kernel_features(cls) -> Tuple[str, ...]:
+    """The training kernels a backbone class uses, from its declared facts."""
+    return (('conv', 'act-recompute') if cls.cpu_conv_kernels else ()) + (
+        ('attn-replay',) if cls.fused_attention else ())
+
+
 @contextlib.contextmanager
 def train_kernels(kernels: Optional[str]):
-    """mmhat's training kernels (``'mmhat'``) or none of them (``'plain'``) for the block:
-    the CPU convolutions of ``layers.conv`` (plain: ``nn.Conv2d``) and ``with_cp``'s attention
-    replay (plain: the whole block is recomputed)."""
-    from mmhat.models.layers import (set_attention_replay, set_cpu_kernels,
-                                     use_attention_replay, use_cpu_kernels)
-    before = use_cpu_kernels(), use_attention_replay()
+    """mmhat's training kernels for the block: ``'mmhat'`` all of them, ``'plain'`` none,
+    ``'no-<feature>'`` all but one of :data:`KERNEL_FEATURES`; None leaves them as they are."""
+    switches = _kernel_switches()
+    before = {name: use() for name, (_, use) in switches.items()}
     if kernels is not None:
-        set_cpu_kernels(kernels == 'mmhat')
-        set_attention_replay(kernels == 'mmhat')
+        if kernels not in ('mmhat', 'plain') and not (kernels.startswith('no-')
+                                                      and kernels[3:] in switches):
+            raise ValueError(f'unknown kernels {kernels!r}: mmhat, plain or no-<feature> with '
+                             f'a feature of {", ".join(KERNEL_FEATURES)}')
+        for name, (set_, _) in switches.items():
+            set_(kernels == 'mmhat' or (kernels.startswith('no-') and kernels[3:] != name))
     try:
         yield
     finally:
-        set_cpu_kernels(before[0])
-        set_attention_replay(before[1])
+        for name, (set_, _) in switches.items():
+            set_(before[name])
 
 
 @contextlib.contextmanager

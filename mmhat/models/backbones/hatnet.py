@@ -29,8 +29,8 @@ from mmengine.model.weight_init import trunc_normal_init
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (DepthwiseConv2d, PointwiseConv2d, attention, ceil_pool2d, drop_path,
-                      head_dims, merge_heads_nchw, pad_amounts, split_heads_nchw,
+from ..layers import (DepthwiseConv2d, PointwiseConv2d, act_then_conv, attention, ceil_pool2d,
+                      drop_path, head_dims, merge_heads_nchw, pad_amounts, split_heads_nchw,
                       use_fused_attn, window_attention)
 from .base import Publication, PyramidBackbone, PyramidStage
 
@@ -139,9 +139,10 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
-        x = self.act(self.expand_norm(self.expand(self.pre_norm(x))))
-        x = self.act(self.dw_norm(self.dwconv(x)))
-        return self.out_norm(self.project(x))
+        x = self.expand_norm(self.expand(self.pre_norm(x)))
+        # conv(act(x)) keeping only x for the backward (it recomputes the activation)
+        x = self.dw_norm(act_then_conv(self.act, self.dwconv, x))
+        return self.out_norm(act_then_conv(self.act, self.project, x))
 
 
 class HATBlock(nn.Module):

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmhat import compat
+
+#: input, weight and bias gradients (None where not asked for)
+Gradients = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
+
 _ENABLED = os.environ.get('MMHAT_CPU_KERNELS', '1') not in ('0', 'false', 'False')
+_ACT_RECOMPUTE = os.environ.get('MMHAT_ACT_RECOMPUTE', '1') not in ('0', 'false', 'False')
 
 #: the smallest depthwise kernel whose channels-last weight gradient is the slow one
 #: (3x3 is faster channels-last: 80 ms against 179 ms at 384 channels, 200x304)
@@ -47,12 +53,28 @@ def use_cpu_kernels() -> bool:
     return _ENABLED
 
 
+def set_act_recompute(enable: bool) -> None:
+    """Use (True, the default) or bypass :func:`act_then_conv`'s recomputation."""
+    global _ACT_RECOMPUTE
+    _ACT_RECOMPUTE = bool(enable)
+
+
+def use_act_recompute() -> bool:
+    return _ACT_RECOMPUTE
+
+
 def _applies(x: torch.Tensor) -> bool:
     """A CPU channels-last map in eager mode with the kernels on."""
     return (_ENABLED and x.device.type == 'cpu' and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export())
+
+
+def _own_backward_applies(x: torch.Tensor) -> bool:
+    """Where a kernel with its own backward may run: as :func:`_applies`, and outside CPU
+    autocast (its backward would meet bfloat16 gradients with float32 operands)."""
+    return _applies(x) and not compat.is_autocast_enabled('cpu')
 
 
 def nchw_copy(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +103,23 @@ class PointwiseConv2d(nn.Conv2d):
         y = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)  # (B, H, W, C_out)
         return y.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last strides
 
+    def gradients(self, grad: torch.Tensor, x: torch.Tensor,
+                  needs: Tuple[bool, bool, bool]) -> Gradients:
+        """The gradients of input, weight and bias (where ``needs`` says) for the output
+        gradient ``grad`` at input ``x``: ``linear``'s backward, two matrix products."""
+        B, C_out, H, W = grad.shape
+        grad_y = grad.permute(0, 2, 3, 1).reshape(B * H * W, C_out)  # (B*H*W, C_out)
+        grad_x = grad_w = grad_b = None
+        if needs[0]:
+            grad_x = (grad_y @ self.weight.flatten(1)).view(B, H, W, -1)  # (B, H, W, C_in)
+            grad_x = grad_x.permute(0, 3, 1, 2)  # (B, C_in, H, W), channels-last strides
+        if needs[1]:
+            tokens = x.permute(0, 2, 3, 1).reshape(B * H * W, -1)  # (B*H*W, C_in)
+            grad_w = (grad_y.t() @ tokens).view(self.weight.shape)  # (C_out, C_in, 1, 1)
+        if needs[2] and self.bias is not None:
+            grad_b = grad_y.sum(0)  # (C_out,)
+        return grad_x, grad_w, grad_b
+
 
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)``; for ``k >= 5``
@@ -92,40 +131,91 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.kernel_size[0] < SLOW_DEPTHWISE_WGRAD_KERNEL or not self.weight.requires_grad
-                or not torch.is_grad_enabled() or not _applies(x)):
+                or not torch.is_grad_enabled() or not _own_backward_applies(x)):
             return super().forward(x)
-        return _NCHWWeightGradDepthwise.apply(x, self.weight, self.bias, self.padding)
+        return _ConvWithOwnGradients.apply(x, self.weight, self.bias, self)
+
+    def gradients(self, grad: torch.Tensor, x: torch.Tensor,
+                  needs: Tuple[bool, bool, bool]) -> Gradients:
+        """The gradients of input, weight and bias (where ``needs`` says) for the output
+        gradient ``grad`` at input ``x``: oneDNN's on the channels-last operands, except the
+        weight gradient of ``k >= 5``, from NCHW copies of them."""
+        conv_args = (list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
+                     self.groups)
+        nchw_weight_grad = needs[1] and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL
+        grad_x = grad_w = grad_b = None
+        if needs[0] or (needs[1] and not nchw_weight_grad):
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x, self.weight, None, *conv_args,
+                [needs[0], needs[1] and not nchw_weight_grad, False])
+        if nchw_weight_grad:
+            # ``contiguous()`` keeps a (C, 1, k, k) channels-last weight as it is (its size-1
+            # axis makes it contiguous too) and oneDNN would go channels-last again from it:
+            # clone it into NCHW strides.
+            nchw_weight = self.weight.detach().clone(memory_format=torch.contiguous_format)
+            grad_w = torch.ops.aten.convolution_backward(
+                nchw_copy(grad), nchw_copy(x), nchw_weight, None, *conv_args,
+                [False, True, False])[1]  # (C, 1, k, k)
+        if needs[2] and self.bias is not None:
+            grad_b = grad.sum((0, 2, 3))  # (C,)
+        return grad_x, grad_w, grad_b
 
 
-class _NCHWWeightGradDepthwise(torch.autograd.Function):
-    """Stride-1 depthwise convolution; backward: input gradient as oneDNN gives it on the
-    channels-last operands, weight gradient from NCHW copies of them."""
+class _ConvWithOwnGradients(torch.autograd.Function):
+    """``conv(x)`` whose backward is ``conv.gradients``."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                padding: Tuple[int, int]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+                conv: nn.Conv2d) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.conv = conv
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        conv_args = ([1, 1], list(ctx.padding), [1, 1], False, [0, 0], x.shape[1])
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, *conv_args, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            # ``contiguous()`` keeps a (C, 1, k, k) channels-last weight as it is (its size-1
-            # axis makes it contiguous too) and oneDNN would go channels-last again from it:
-            # clone it into NCHW strides.
-            nchw_weight = weight.clone(memory_format=torch.contiguous_format)  # (C, 1, k, k)
-            grad_w = torch.ops.aten.convolution_backward(
-                nchw_copy(grad), nchw_copy(x), nchw_weight, None, *conv_args,
-                [False, True, False])[1]  # (C, 1, k, k)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3))  # (C,)
-        return grad_x, grad_w, grad_b, None
+        (x,) = ctx.saved_tensors
+        return ctx.conv.gradients(grad, x, ctx.needs_input_grad[:3]) + (None,)
+
+
+def act_then_conv(act: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(act(x))``, keeping only ``x`` for the backward, which recomputes ``act(x)``.
+
+    Autograd would keep both ``x`` (the activation's backward needs it) and ``act(x)`` (the
+    convolution's weight gradient does): two maps of the expanded width in an inverted
+    residual. Recomputing the activation costs one element-wise pass in the backward and
+    frees one of them (HAT-Net-T, 800x1216: peak 2484 -> 1750 MB). Applies where the conv
+    kernels do (CPU, channels-last, eager, no autocast), for :class:`PointwiseConv2d` /
+    :class:`DepthwiseConv2d` and an activation that is not in-place, unless
+    :func:`set_act_recompute` (``MMHAT_ACT_RECOMPUTE=0``) turns it off.
+    """
+    if (_ACT_RECOMPUTE and isinstance(conv, (PointwiseConv2d, DepthwiseConv2d))
+            and torch.is_grad_enabled()
+            and not getattr(act, 'inplace', False) and _own_backward_applies(x)
+            and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))):
+        return _ActThenConv.apply(x, conv.weight, conv.bias, act, conv)
+    return conv(act(x))
+
+
+class _ActThenConv(torch.autograd.Function):
+    """``conv(act(x))`` saving ``x`` only; the backward recomputes ``act(x)``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                act: nn.Module, conv: nn.Conv2d) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.act, ctx.conv = act, conv
+        return conv(act(x))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(need_x)
+            activated = ctx.act(x)
+        grad_act, grad_w, grad_b = ctx.conv.gradients(grad, activated.detach(),
+                                                      (need_x, need_w, need_b))
+        grad_x = torch.autograd.grad(activated, x, grad_act)[0] if need_x else None
+        return grad_x, grad_w, grad_b, None, None
