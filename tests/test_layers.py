@@ -133,8 +133,9 @@ def test_depthwise_conv_equals_conv2d(kernel, batch, hw):
 
 
 def test_conv_kernels_take_their_path_only_where_they_apply(monkeypatch):
-    """The CPU kernels run on channels-last CPU maps in eager mode; NCHW maps, tracing
-    (FLOP counters, ONNX) and ``set_cpu_kernels(False)`` get ``nn.Conv2d.forward``."""
+    """The CPU kernels run on channels-last CPU maps in eager mode when a gradient is
+    recorded; NCHW maps, inference, tracing (FLOP counters, ONNX) and
+    ``set_cpu_kernels(False)`` get ``nn.Conv2d.forward``."""
     from mmhat.models.layers import (DepthwiseConv2d, PointwiseConv2d, set_cpu_kernels,
                                      use_cpu_kernels)
     from mmhat.models.layers import conv as conv_module
@@ -153,8 +154,8 @@ def test_conv_kernels_take_their_path_only_where_they_apply(monkeypatch):
     assert calls == ['PointwiseConv2d', 'DepthwiseConv2d']
     calls.clear()
     with torch.no_grad():
-        dw(cl)  # no weight gradient to compute: plain conv
-    assert calls == ['DepthwiseConv2d']
+        pw(cl), dw(cl)  # inference: plain conv (no weight gradient to compute)
+    assert calls == ['PointwiseConv2d', 'DepthwiseConv2d']
     calls.clear()
     graph = torch.jit.trace(torch.nn.Sequential(pw, dw), cl).inlined_graph
     assert 'aten::linear' not in str(graph) and str(graph).count('aten::_convolution') == 2
@@ -202,10 +203,15 @@ def test_nchw_copy(shape):
 
 @pytest.mark.parametrize('conv_kind', ['pointwise', 'depthwise3', 'depthwise5'])
 @pytest.mark.parametrize('input_grad', [True, False])
-def test_act_then_conv_equals_conv_of_act_and_keeps_only_the_input(conv_kind, input_grad):
+@pytest.mark.parametrize('conv_kernels', [True, False])
+def test_act_then_conv_equals_conv_of_act_and_keeps_only_the_input(conv_kind, input_grad,
+                                                                   conv_kernels, monkeypatch):
     """``act_then_conv``: the gradients of ``conv(act(x))`` in float64, with one tensor kept
-    for the backward (the input) where autograd keeps the activation too."""
+    for the backward (the input) where autograd keeps the activation too; with the conv
+    kernels on or off (then the convolution's backward is ``nn.Conv2d``'s)."""
     from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d, act_then_conv
+    from mmhat.models.layers import conv as conv_module
+    monkeypatch.setattr(conv_module, '_ENABLED', conv_kernels)
     torch.manual_seed(0)
     conv = (PointwiseConv2d(6, 5) if conv_kind == 'pointwise' else
             DepthwiseConv2d(6, int(conv_kind[-1])))

@@ -6,10 +6,11 @@ where the time goes") and are kept because ``tools/benchmark.py --kernels both``
 step faster with them, in one run against plain ``nn.Conv2d``:
 
 * :class:`PointwiseConv2d` (1x1, stride 1): on a channels-last map the 1x1 convolution *is*
-  a ``Linear`` over the last axis of the NHWC view, so it runs as ``F.linear``. PyTorch
-  sends single-threaded 1x1 convolutions to THNN's ``slow_conv2d``, whose backward is up to
-  1.8x slower than the two matrix products of ``linear``'s (384 -> 48 channels at 200x304:
-  168 ms against 96 ms).
+  a ``Linear`` over the last axis of the NHWC view, so when a gradient is recorded it runs as
+  ``F.linear``. PyTorch sends single-threaded 1x1 convolutions to THNN's ``slow_conv2d``,
+  whose backward is up to 1.8x slower than the two matrix products of ``linear``'s (384 ->
+  48 channels at 200x304: 168 ms against 96 ms). Inference keeps ``nn.Conv2d``: there the
+  benchmark measured the two the same or the linear slower (up to 10% at batch 2).
 * :class:`DepthwiseConv2d` (``groups == channels``, stride 1): oneDNN's weight gradient of a
   channels-last depthwise convolution with a kernel of 5 or more is about twice as slow as
   the NCHW one (5x5, 256 channels, 200x304: 588 ms against 290 ms), while its input
@@ -64,8 +65,8 @@ def use_act_recompute() -> bool:
 
 
 def _applies(x: torch.Tensor) -> bool:
-    """A CPU channels-last map in eager mode with the kernels on."""
-    return (_ENABLED and x.device.type == 'cpu' and x.dim() == 4
+    """A CPU channels-last map in eager mode."""
+    return (x.device.type == 'cpu' and x.dim() == 4
             and x.is_contiguous(memory_format=torch.channels_last)
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.onnx.is_in_onnx_export())
@@ -91,13 +92,14 @@ def nchw_copy(x: torch.Tensor) -> torch.Tensor:
 
 
 class PointwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d(in_channels, out_channels, 1)``, computed as ``F.linear`` on NHWC maps."""
+    """``nn.Conv2d(in_channels, out_channels, 1)``, computed as ``F.linear`` on NHWC maps
+    when a gradient is recorded."""
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _applies(x):
+        if not (_ENABLED and torch.is_grad_enabled() and _applies(x)):
             return super().forward(x)
         weight = self.weight.flatten(1)  # (C_out, C_in)
         y = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)  # (B, H, W, C_out)
@@ -106,7 +108,10 @@ class PointwiseConv2d(nn.Conv2d):
     def gradients(self, grad: torch.Tensor, x: torch.Tensor,
                   needs: Tuple[bool, bool, bool]) -> Gradients:
         """The gradients of input, weight and bias (where ``needs`` says) for the output
-        gradient ``grad`` at input ``x``: ``linear``'s backward, two matrix products."""
+        gradient ``grad`` at input ``x``: ``linear``'s backward, two matrix products (with
+        the kernels off: ``nn.Conv2d``'s)."""
+        if not _ENABLED:
+            return _conv_gradients(self, grad, x, needs)
         B, C_out, H, W = grad.shape
         grad_y = grad.permute(0, 2, 3, 1).reshape(B * H * W, C_out)  # (B*H*W, C_out)
         grad_x = grad_w = grad_b = None
@@ -130,8 +135,9 @@ class DepthwiseConv2d(nn.Conv2d):
                          groups=channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.kernel_size[0] < SLOW_DEPTHWISE_WGRAD_KERNEL or not self.weight.requires_grad
-                or not torch.is_grad_enabled() or not _own_backward_applies(x)):
+        if (not _ENABLED or self.kernel_size[0] < SLOW_DEPTHWISE_WGRAD_KERNEL
+                or not self.weight.requires_grad or not torch.is_grad_enabled()
+                or not _own_backward_applies(x)):
             return super().forward(x)
         return _ConvWithOwnGradients.apply(x, self.weight, self.bias, self)
 
@@ -139,16 +145,15 @@ class DepthwiseConv2d(nn.Conv2d):
                   needs: Tuple[bool, bool, bool]) -> Gradients:
         """The gradients of input, weight and bias (where ``needs`` says) for the output
         gradient ``grad`` at input ``x``: oneDNN's on the channels-last operands, except the
-        weight gradient of ``k >= 5``, from NCHW copies of them."""
-        conv_args = (list(self.stride), list(self.padding), list(self.dilation), False, [0, 0],
-                     self.groups)
-        nchw_weight_grad = needs[1] and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL
-        grad_x = grad_w = grad_b = None
-        if needs[0] or (needs[1] and not nchw_weight_grad):
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad, x, self.weight, None, *conv_args,
-                [needs[0], needs[1] and not nchw_weight_grad, False])
+        weight gradient of ``k >= 5``, from NCHW copies of them (with the kernels off: all as
+        ``nn.Conv2d``'s)."""
+        nchw_weight_grad = (_ENABLED and needs[1]
+                            and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL)
+        grad_x, grad_w, grad_b = _conv_gradients(
+            self, grad, x, (needs[0], needs[1] and not nchw_weight_grad, needs[2]))
         if nchw_weight_grad:
+            conv_args = (list(self.stride), list(self.padding), list(self.dilation), False,
+                         [0, 0], self.groups)
             # ``contiguous()`` keeps a (C, 1, k, k) channels-last weight as it is (its size-1
             # axis makes it contiguous too) and oneDNN would go channels-last again from it:
             # clone it into NCHW strides.
@@ -156,9 +161,20 @@ class DepthwiseConv2d(nn.Conv2d):
             grad_w = torch.ops.aten.convolution_backward(
                 nchw_copy(grad), nchw_copy(x), nchw_weight, None, *conv_args,
                 [False, True, False])[1]  # (C, 1, k, k)
-        if needs[2] and self.bias is not None:
-            grad_b = grad.sum((0, 2, 3))  # (C,)
         return grad_x, grad_w, grad_b
+
+
+def _conv_gradients(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor,
+                    needs: Tuple[bool, bool, bool]) -> Gradients:
+    """``nn.Conv2d``'s own backward (``convolution_backward``) where ``needs`` says."""
+    if not (needs[0] or needs[1]):
+        grad_x = grad_w = None
+    else:
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, conv.weight, None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0, 0], conv.groups, [needs[0], needs[1], False])
+    grad_b = grad.sum((0, 2, 3)) if needs[2] and conv.bias is not None else None  # (C_out,)
+    return grad_x, grad_w, grad_b
 
 
 class _ConvWithOwnGradients(torch.autograd.Function):
@@ -187,7 +203,8 @@ def act_then_conv(act: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Ten
     frees one of them (HAT-Net-T, 800x1216: peak 2484 -> 1750 MB). Applies where the conv
     kernels do (CPU, channels-last, eager, no autocast), for :class:`PointwiseConv2d` /
     :class:`DepthwiseConv2d` and an activation that is not in-place, unless
-    :func:`set_act_recompute` (``MMHAT_ACT_RECOMPUTE=0``) turns it off.
+    :func:`set_act_recompute` (``MMHAT_ACT_RECOMPUTE=0``) turns it off (independently of
+    :func:`set_cpu_kernels`: with those off, the convolution's backward is ``nn.Conv2d``'s).
     """
     if (_ACT_RECOMPUTE and isinstance(conv, (PointwiseConv2d, DepthwiseConv2d))
             and torch.is_grad_enabled()
