@@ -1,9 +1,12 @@
 """Convolutions with the math, parameters and state-dict keys of ``nn.Conv2d``, whose CPU
-training step avoids two slow oneDNN/THNN kernels on channels-last maps.
+training step avoids two slow oneDNN/THNN kernels on channels-last maps, and
+:func:`act_then_conv`, which keeps half of an inverted residual's expanded maps.
 
-Both were found by ``tools/benchmark.py --profile`` (docs/benchmarks.md, "Training step:
-where the time goes") and are kept because ``tools/benchmark.py --kernels both`` shows the
-step faster with them, in one run against plain ``nn.Conv2d``:
+The two kernels were found by ``tools/benchmark.py --profile`` (docs/benchmarks.md, "Training
+step: where the time went before the kernels"). Each is faster on its own shapes, measured
+alone; in the whole step ``tools/benchmark.py --kernels both`` measured them (with
+:func:`act_then_conv`) faster at batch 2 and within the noise of its separate processes at
+batch 1 (docs/benchmarks.md, "Training step"):
 
 * :class:`PointwiseConv2d` (1x1, stride 1): on a channels-last map the 1x1 convolution *is*
   a ``Linear`` over the last axis of the NHWC view, so when a gradient is recorded it runs as
@@ -13,15 +16,15 @@ step faster with them, in one run against plain ``nn.Conv2d``:
   benchmark measured the two the same or the linear slower (up to 10% at batch 2).
 * :class:`DepthwiseConv2d` (``groups == channels``, stride 1): oneDNN's weight gradient of a
   channels-last depthwise convolution with a kernel of 5 or more is about twice as slow as
-  the NCHW one (5x5, 256 channels, 200x304: 588 ms against 290 ms), while its input
+  the NCHW one (5x5, 256 channels, 200x304: 612 ms against 268 ms), while its input
   gradient and forward are faster channels-last. The weight gradient alone is computed on
   NCHW copies of the two operands.
 
 Either falls back to ``nn.Conv2d.forward`` wherever it would not help or cannot apply:
 other devices, NCHW maps, tracing / scripting / ONNX export (so FLOP counters and exported
-graphs still see convolutions), and when :func:`set_cpu_kernels` (or
-``MMHAT_CPU_KERNELS=0``) turns them off, which is how the benchmark measures plain
-``nn.Conv2d`` in the same run.
+graphs still see convolutions), CPU autocast (for the kernels with their own backward), and
+when :func:`set_cpu_kernels` (or ``MMHAT_CPU_KERNELS=0``) turns them off, which is how the
+benchmark measures plain ``nn.Conv2d`` in the same run.
 """
 import os
 from typing import Optional, Tuple
