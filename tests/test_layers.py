@@ -288,3 +288,25 @@ def test_conv_kernels_train_under_cpu_autocast():
     for a, b in zip(grads(True), grads(False)):
         assert a.dtype == b.dtype and torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize('value,want', [('', True), ('1', True), ('ON', True), ('yes', True),
+                                        ('0', False), ('False', False), (' off ', False),
+                                        ('no', False)])
+def test_env_switch_values(monkeypatch, value, want):
+    from mmhat.models.layers.switches import env_switch
+    monkeypatch.setenv('MMHAT_TEST_SWITCH', value)
+    assert env_switch('MMHAT_TEST_SWITCH') is want
+
+
+def test_env_switch_refuses_a_typo(monkeypatch):
+    """A misspelt value is an error naming the variable, not a switch silently left on."""
+    import subprocess
+    import sys
+    from mmhat.models.layers.switches import env_switch
+    monkeypatch.setenv('MMHAT_TEST_SWITCH', 'of')
+    with pytest.raises(ValueError, match=r"MMHAT_TEST_SWITCH='of': set it to one of 0, false"):
+        env_switch('MMHAT_TEST_SWITCH')
+    out = subprocess.run([sys.executable, '-c', 'import mmhat.models'], capture_output=True,
+                         text=True, env={**__import__('os').environ, 'MMHAT_FUSED_ATTN': 'flase'})
+    assert out.returncode != 0 and "MMHAT_FUSED_ATTN='flase'" in out.stderr

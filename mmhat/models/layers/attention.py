@@ -14,7 +14,6 @@ Which path runs is chosen per module (``fused=True/False``) with a process-wide 
 strides, dtypes, mask), which is how ``mmhat.utils.sdpa`` predicts the CUDA kernel of each.
 """
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -23,12 +22,13 @@ import torch.nn.functional as F
 
 from mmhat import compat
 from .layout import crop, pad_bottom_right, window_partition, window_reverse
+from .switches import env_switch
 
-_FUSED_DEFAULT = os.environ.get('MMHAT_FUSED_ATTN', '1') not in ('0', 'false', 'False')
+_FUSED_DEFAULT = env_switch('MMHAT_FUSED_ATTN')
 _RECORDERS: List[Callable[['AttentionCall'], None]] = []
 #: the :class:`KeptAttention` of the checkpointed forward or recomputation running now
 _KEPT: List['KeptAttention'] = []
-_REPLAY_DEFAULT = os.environ.get('MMHAT_CP_REPLAY_ATTN', '1') not in ('0', 'false', 'False')
+_REPLAY_DEFAULT = env_switch('MMHAT_CP_REPLAY_ATTN')
 
 
 def set_fused_attn(enable: bool) -> None:

@@ -26,7 +26,6 @@ graphs still see convolutions), CPU autocast (for the kernels with their own bac
 when :func:`set_cpu_kernels` (or ``MMHAT_CPU_KERNELS=0``) turns them off, which is how the
 benchmark measures plain ``nn.Conv2d`` in the same run.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -34,12 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmhat import compat
+from .switches import env_switch
 
 #: input, weight and bias gradients (None where not asked for)
 Gradients = Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]
 
-_ENABLED = os.environ.get('MMHAT_CPU_KERNELS', '1') not in ('0', 'false', 'False')
-_ACT_RECOMPUTE = os.environ.get('MMHAT_ACT_RECOMPUTE', '1') not in ('0', 'false', 'False')
+_ENABLED = env_switch('MMHAT_CPU_KERNELS')
+_ACT_RECOMPUTE = env_switch('MMHAT_ACT_RECOMPUTE')
 
 #: the smallest depthwise kernel whose channels-last weight gradient is the slow one
 #: (3x3 is faster channels-last: 80 ms against 179 ms at 384 channels, 200x304)
