@@ -173,6 +173,26 @@ def test_conv_kernels_take_their_path_only_where_they_apply(monkeypatch):
     assert calls == ['DepthwiseConv2d']
 
 
+def test_depthwise_weight_gradient_runs_the_native_kernel_and_restores_onednn():
+    """k >= 5: the weight gradient is PyTorch's native (Slow2d) one, with oneDNN switched off
+    for that call only, also when it raises."""
+    from torch.profiler import profile
+
+    from mmhat.models.layers import DepthwiseConv2d
+    from mmhat.models.layers.conv import native_depthwise_weight_grad
+    dw = DepthwiseConv2d(8, 5, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 12, 10).contiguous(memory_format=torch.channels_last)
+    assert torch._C._get_mkldnn_enabled()
+    with profile() as prof:
+        dw(x.requires_grad_()).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert 'aten::_slow_conv2d_backward' in names  # the weight gradient
+    assert torch._C._get_mkldnn_enabled()
+    with pytest.raises(RuntimeError):
+        native_depthwise_weight_grad(dw, torch.randn(1, 7, 12, 10), torch.randn(1, 8, 12, 10))
+    assert torch._C._get_mkldnn_enabled()
+
+
 def test_conv_kernels_keep_the_conv2d_state_dict():
     from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d
     pw, ref = PointwiseConv2d(3, 5, bias=False), torch.nn.Conv2d(3, 5, 1, bias=False)
@@ -204,11 +224,15 @@ def test_nchw_copy(shape):
 @pytest.mark.parametrize('conv_kind', ['pointwise', 'depthwise3', 'depthwise5'])
 @pytest.mark.parametrize('input_grad', [True, False])
 @pytest.mark.parametrize('conv_kernels', [True, False])
+@pytest.mark.parametrize('act', [torch.nn.SiLU(), torch.nn.GELU(approximate='tanh'),
+                                 torch.nn.Hardswish()], ids=['silu', 'gelu-tanh', 'hardswish'])
 def test_act_then_conv_equals_conv_of_act_and_keeps_only_the_input(conv_kind, input_grad,
-                                                                   conv_kernels, monkeypatch):
+                                                                   conv_kernels, act,
+                                                                   monkeypatch):
     """``act_then_conv``: the gradients of ``conv(act(x))`` in float64, with one tensor kept
     for the backward (the input) where autograd keeps the activation too; with the conv
-    kernels on or off (then the convolution's backward is ``nn.Conv2d``'s)."""
+    kernels on or off (then the convolution's backward is ``nn.Conv2d``'s), for activations
+    whose input gradient it writes itself (SiLU, GELU) and others (autograd)."""
     from mmhat.models.layers import DepthwiseConv2d, PointwiseConv2d, act_then_conv
     from mmhat.models.layers import conv as conv_module
     monkeypatch.setattr(conv_module, '_ENABLED', conv_kernels)
@@ -216,7 +240,6 @@ def test_act_then_conv_equals_conv_of_act_and_keeps_only_the_input(conv_kind, in
     conv = (PointwiseConv2d(6, 5) if conv_kind == 'pointwise' else
             DepthwiseConv2d(6, int(conv_kind[-1])))
     conv = conv.double().to(memory_format=torch.channels_last)
-    act = torch.nn.SiLU()
     x0 = torch.randn(2, 6, 7, 9, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last)
     g = torch.randn(2, 5 if conv_kind == 'pointwise' else 6, 7, 9, dtype=torch.float64)

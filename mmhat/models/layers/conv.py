@@ -15,10 +15,11 @@ batch 1 (docs/benchmarks.md, "Training step"):
   48 channels at 200x304: 168 ms against 96 ms). Inference keeps ``nn.Conv2d``: there the
   benchmark measured the two the same or the linear slower (up to 10% at batch 2).
 * :class:`DepthwiseConv2d` (``groups == channels``, stride 1): oneDNN's weight gradient of a
-  channels-last depthwise convolution with a kernel of 5 or more is about twice as slow as
-  the NCHW one (5x5, 256 channels, 200x304: 612 ms against 268 ms), while its input
-  gradient and forward are faster channels-last. The weight gradient alone is computed on
-  NCHW copies of the two operands.
+  channels-last depthwise convolution with a kernel of 5 or more is slow (5x5, 256 channels,
+  200x304: 578 ms; 259 ms in NCHW), while its input gradient and forward are fast
+  channels-last. The weight gradient alone is computed on NCHW copies of the two operands
+  by PyTorch's native convolution (``Slow2d``: per channel, an im2col of one plane and one
+  matrix-vector product), 95 ms on those shapes (:func:`native_depthwise_weight_grad`).
 
 Either falls back to ``nn.Conv2d.forward`` wherever it would not help or cannot apply:
 other devices, NCHW maps, tracing / scripting / ONNX export (so FLOP counters and exported
@@ -148,23 +149,42 @@ class DepthwiseConv2d(nn.Conv2d):
                   needs: Tuple[bool, bool, bool]) -> Gradients:
         """The gradients of input, weight and bias (where ``needs`` says) for the output
         gradient ``grad`` at input ``x``: oneDNN's on the channels-last operands, except the
-        weight gradient of ``k >= 5``, from NCHW copies of them (with the kernels off: all as
-        ``nn.Conv2d``'s)."""
+        weight gradient of ``k >= 5``, from NCHW copies of them by the native kernel
+        (:func:`native_depthwise_weight_grad`; with the kernels off: all as ``nn.Conv2d``'s)."""
         nchw_weight_grad = (_ENABLED and needs[1]
                             and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL)
         grad_x, grad_w, grad_b = _conv_gradients(
             self, grad, x, (needs[0], needs[1] and not nchw_weight_grad, needs[2]))
         if nchw_weight_grad:
-            conv_args = (list(self.stride), list(self.padding), list(self.dilation), False,
-                         [0, 0], self.groups)
-            # ``contiguous()`` keeps a (C, 1, k, k) channels-last weight as it is (its size-1
-            # axis makes it contiguous too) and oneDNN would go channels-last again from it:
-            # clone it into NCHW strides.
-            nchw_weight = self.weight.detach().clone(memory_format=torch.contiguous_format)
-            grad_w = torch.ops.aten.convolution_backward(
-                nchw_copy(grad), nchw_copy(x), nchw_weight, None, *conv_args,
-                [False, True, False])[1]  # (C, 1, k, k)
+            grad_w = native_depthwise_weight_grad(self, nchw_copy(grad), nchw_copy(x))
         return grad_x, grad_w, grad_b
+
+
+def native_depthwise_weight_grad(conv: nn.Conv2d, grad: torch.Tensor,
+                                 x: torch.Tensor) -> torch.Tensor:
+    """The weight gradient ``(C, 1, k, k)`` of the depthwise ``conv`` for the NCHW output
+    gradient ``grad`` at the NCHW input ``x``, by PyTorch's native CPU convolution.
+
+    With oneDNN enabled, ``convolution_backward`` sends a CPU depthwise convolution to oneDNN,
+    whose weight gradient is 2.7x (NCHW) to 6x (channels-last) slower than the native
+    ``Slow2d`` kernel for k >= 5 (5x5, 256 channels, 200x304, one thread: 259 / 578 ms
+    against 95 ms; 1024 channels, 50x76: 66 / 141 against 28 ms). The only way to choose the
+    native kernel is to disable oneDNN while this call runs: the switch is process-wide, so
+    a convolution that another thread starts meanwhile also runs natively (same result,
+    slower).
+    """
+    conv_args = (list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0],
+                 conv.groups)
+    # ``contiguous()`` keeps a (C, 1, k, k) channels-last weight as it is (its size-1 axis
+    # makes it contiguous too): clone it into NCHW strides, as the native kernel reads it.
+    nchw_weight = conv.weight.detach().clone(memory_format=torch.contiguous_format)
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return torch.ops.aten.convolution_backward(
+            grad, x, nchw_weight, None, *conv_args, [False, True, False])[1]  # (C, 1, k, k)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def _conv_gradients(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor,
@@ -232,6 +252,15 @@ class _ActThenConv(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        backward_into = _ACT_BACKWARD_INTO.get(type(ctx.act))
+        if backward_into is not None:
+            activated = ctx.act(x)
+            grad_act, grad_w, grad_b = ctx.conv.gradients(grad, activated,
+                                                          (need_x, need_w, need_b))
+            # the activation's map is not needed any more: its (already paged-in) buffer
+            # takes the input gradient instead of a fresh one
+            grad_x = backward_into(ctx.act, grad_act, x, activated) if need_x else None
+            return grad_x, grad_w, grad_b, None, None
         with torch.enable_grad():
             x = x.detach().requires_grad_(need_x)
             activated = ctx.act(x)
@@ -239,3 +268,15 @@ class _ActThenConv(torch.autograd.Function):
                                                       (need_x, need_w, need_b))
         grad_x = torch.autograd.grad(activated, x, grad_act)[0] if need_x else None
         return grad_x, grad_w, grad_b, None, None
+
+
+#: activation type -> ``f(act, grad, x, out)``: its input gradient, written into ``out``.
+#: A fresh CPU buffer above glibc's 32 MiB mmap threshold is paged in on first write, which
+#: costs as much as the element-wise pass itself (one 93 MB map of HAT-Net-T's stage 1:
+#: 45 ms of 160); other activations go through autograd.
+_ACT_BACKWARD_INTO = {
+    nn.SiLU: lambda act, grad, x, out: torch.ops.aten.silu_backward.grad_input(
+        grad, x, grad_input=out),
+    nn.GELU: lambda act, grad, x, out: torch.ops.aten.gelu_backward.grad_input(
+        grad, x, approximate=act.approximate, grad_input=out),
+}
