@@ -262,6 +262,27 @@ def test_act_then_conv_equals_conv_of_act_and_keeps_only_the_input(conv_kind, in
     assert autograd_kept.count(x0.shape) == (2 if input_grad else 1)  # x and act(x)
 
 
+def test_scratch_like_reuses_one_buffer_per_thread():
+    import threading
+
+    from mmhat.models.layers.conv import scratch_like
+    cl = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    a = scratch_like(cl)
+    assert a.shape == cl.shape and a.stride() == cl.stride() and a.dtype == cl.dtype
+    b = scratch_like(torch.randn(3, 4, 5))  # smaller: the same memory
+    assert b.data_ptr() == a.data_ptr() and b.stride() == (20, 5, 1)
+    big = scratch_like(torch.randn(4, 6, 5, 7))  # larger: a new buffer
+    assert big.shape == (4, 6, 5, 7) and scratch_like(cl).data_ptr() == big.data_ptr()
+    assert scratch_like(cl.double()).dtype == torch.float64
+    other = []
+    thread = threading.Thread(target=lambda: other.append(scratch_like(cl).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other[0] != scratch_like(cl).data_ptr()
+    with pytest.raises(ValueError, match='contiguous'):
+        scratch_like(torch.randn(4, 6).t())
+
+
 def test_act_then_conv_falls_back_where_it_does_not_apply():
     """An in-place activation, NCHW maps, no gradient, or ``set_act_recompute(False)``:
     plain ``conv(act(x))`` (what autograd records is then the activation's own node)."""

@@ -27,7 +27,8 @@ graphs still see convolutions), CPU autocast (for the kernels with their own bac
 when :func:`set_cpu_kernels` (or ``MMHAT_CPU_KERNELS=0``) turns them off, which is how the
 benchmark measures plain ``nn.Conv2d`` in the same run.
 """
-from typing import Optional, Tuple
+import threading
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -245,21 +246,24 @@ class _ActThenConv(torch.autograd.Function):
                 act: nn.Module, conv: nn.Conv2d) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.act, ctx.conv = act, conv
-        return conv(act(x))
+        into = _ACT_INTO.get(type(act))
+        if into is None:
+            return conv(act(x))
+        return conv(into.forward(act, x, scratch_like(x)))  # act(x) lives only until conv
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        backward_into = _ACT_BACKWARD_INTO.get(type(ctx.act))
-        if backward_into is not None:
-            activated = ctx.act(x)
+        into = _ACT_INTO.get(type(ctx.act))
+        if into is not None:
+            activated = into.forward(ctx.act, x, scratch_like(x))
             grad_act, grad_w, grad_b = ctx.conv.gradients(grad, activated,
                                                           (need_x, need_w, need_b))
-            # the activation's map is not needed any more: its (already paged-in) buffer
-            # takes the input gradient instead of a fresh one
-            grad_x = backward_into(ctx.act, grad_act, x, activated) if need_x else None
+            # grad_act is the convolution's fresh output, needed by nothing else: the input
+            # gradient overwrites it element by element
+            grad_x = into.backward(ctx.act, grad_act, x, grad_act) if need_x else None
             return grad_x, grad_w, grad_b, None, None
         with torch.enable_grad():
             x = x.detach().requires_grad_(need_x)
@@ -270,13 +274,47 @@ class _ActThenConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-#: activation type -> ``f(act, grad, x, out)``: its input gradient, written into ``out``.
-#: A fresh CPU buffer above glibc's 32 MiB mmap threshold is paged in on first write, which
-#: costs as much as the element-wise pass itself (one 93 MB map of HAT-Net-T's stage 1:
-#: 45 ms of 160); other activations go through autograd.
-_ACT_BACKWARD_INTO = {
-    nn.SiLU: lambda act, grad, x, out: torch.ops.aten.silu_backward.grad_input(
-        grad, x, grad_input=out),
-    nn.GELU: lambda act, grad, x, out: torch.ops.aten.gelu_backward.grad_input(
-        grad, x, approximate=act.approximate, grad_input=out),
+class _ActivationInto(NamedTuple):
+    """An activation's forward and input gradient, each written into a given tensor."""
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # act, x, out
+    backward: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
+                       torch.Tensor]  # act, grad, x, out
+
+
+#: The activations whose maps :func:`act_then_conv` writes into buffers it already has;
+#: others go through the module and autograd. A fresh CPU buffer above glibc's 32 MiB mmap
+#: threshold is paged in on first write, which costs as much as the element-wise pass
+#: itself (SiLU of one 93 MB map of HAT-Net-T's stage 1: 48 ms, 10 ms into a used buffer).
+_ACT_INTO = {
+    nn.SiLU: _ActivationInto(
+        lambda act, x, out: torch.ops.aten.silu.out(x, out=out),
+        lambda act, grad, x, out: torch.ops.aten.silu_backward.grad_input(
+            grad, x, grad_input=out)),
+    nn.GELU: _ActivationInto(
+        lambda act, x, out: torch.ops.aten.gelu.out(x, approximate=act.approximate, out=out),
+        lambda act, grad, x, out: torch.ops.aten.gelu_backward.grad_input(
+            grad, x, approximate=act.approximate, grad_input=out)),
 }
+
+
+class _Scratch(threading.local):
+    buffer: Optional[torch.Tensor] = None
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor with the shape, strides and dtype of the (contiguous or
+    channels-last contiguous) tensor ``x``, in a buffer of this thread that every call
+    reuses (it holds the largest such tensor asked for so far): valid until the next call,
+    for maps that live inside one operation (:func:`act_then_conv`'s activation, between it
+    and the convolution)."""
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError('scratch_like needs a contiguous or channels-last contiguous tensor')
+    buf = _SCRATCH.buffer
+    if (buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype
+            or buf.device != x.device):
+        buf = _SCRATCH.buffer = None  # free the old buffer before taking the new one
+        buf = _SCRATCH.buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    return buf.as_strided(x.shape, x.stride())
