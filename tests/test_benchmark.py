@@ -218,6 +218,11 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     assert "## mmhat's training kernels vs plain (nn.Conv2d, with_cp recomputing" in md
     assert '| HATNet-tiny | 64x96 | 2 | fused, plain kernels | off | 2100.0 |' in md
     assert '| HATNet-tiny | 64x96 | train | off | 2 | fused | 1.40 | 0.91 |' in md
+    assert '--interleave' not in md
+    for r in results[:4]:
+        r.interleaved = True
+    assert 'alternating the configurations step by step (`--interleave`)' in \
+        tool.to_markdown(report, results, s, {})
 
 
 def test_kernel_ablation_rows_switch_one_feature_off_each():
@@ -317,3 +322,63 @@ def test_op_kinds():
     assert B.op_kind('aten::copy_') == 'layout copies'
     assert B.op_kind('aten::gelu_backward') == 'element-wise'
     assert B.op_kind('aten::something_new') == 'other'
+
+
+def test_measure_interleaved_alternates_the_kernel_configurations(monkeypatch, tmp_path):
+    """--interleave: one model, its kernel configurations taking turns step by step (run i
+    starts at configuration i), each row with its own runs; the worker takes a list of rows
+    the same way."""
+    from mmhat.models import layers as L
+    hat = B.resolve_model('mmhat.HATNet')
+    rows = [B.Row(model=hat, size=(64, 64), mode='train', attn='fused',
+                  layout='channels_last', kernels=k, runs=3, warmup=1)
+            for k in ('mmhat', 'plain', 'no-conv')]
+    seen, time_once = [], B.time_once
+
+    def recording(fn, device):
+        seen.append((L.use_cpu_kernels(), L.use_act_recompute()))
+        return time_once(fn, device)
+    monkeypatch.setattr(B, 'time_once', recording)
+    results = B.measure_interleaved(rows)
+    mmhat, plain, no_conv = (True, True), (False, False), (False, True)
+    assert seen == [mmhat, plain, no_conv, plain, no_conv, mmhat, no_conv, mmhat, plain]
+    assert [r.kernels for r in results] == ['mmhat', 'plain', 'no-conv']
+    assert all(r.interleaved and r.ok and len(r.latency_all_s) == 3 for r in results)
+    assert L.use_cpu_kernels() and L.use_act_recompute()  # restored
+    with pytest.raises(ValueError, match='differ in their kernels only'):
+        B.measure_interleaved([rows[0], B.dataclasses.replace(rows[1], batch=2)])
+
+    monkeypatch.setattr(B, 'time_once', time_once)
+    out = tmp_path / 'results.json'
+    one_run = [B.dataclasses.replace(r, runs=1, warmup=0, flops=True) for r in rows[:2]]
+    assert B._worker(json.dumps([json.loads(B._row_to_json(r)) for r in one_run]), str(out)) == 0
+    got = [B.Result(**d) for d in json.loads(out.read_text())]
+    assert [(r.kernels, r.interleaved, len(r.latency_all_s)) for r in got] == [
+        ('mmhat', True, 1), ('plain', True, 1)]
+    assert got[0].gflops == got[1].gflops and positive(got[0].gflops)
+
+
+def test_measure_rows_interleaves_only_kernel_twins(monkeypatch):
+    """Rows equal but for their kernels are timed in one worker; every row's memory and the
+    rows without a twin (peers) still get their own processes; the order of the results is
+    the order of the rows."""
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
+    rows = [B.Row(model=hat, size=(64, 64), mode='train', kernels=k) for k in ('mmhat', 'plain')]
+    rows.append(B.Row(model=r50, size=(64, 64), mode='train'))
+    calls = []
+
+    def spawn(row, timeout):
+        calls.append((row.model.key, row.kernels, row.phase))
+        return B.Result.of(row, latency_s=1.0, peak_mem_mb=5.0, mem_method='VmHWM')
+
+    def spawn_interleaved(group, timeout):
+        calls.append(('interleaved', tuple(r.kernels for r in group), group[0].phase))
+        return [B.Result.of(r, latency_s=0.5 + i, interleaved=True) for i, r in enumerate(group)]
+    monkeypatch.setattr(B, 'spawn', spawn)
+    monkeypatch.setattr(B, 'spawn_interleaved', spawn_interleaved)
+    results = B.measure_rows(rows, interleave=True, log=lambda s: None)
+    assert calls == [('interleaved', ('mmhat', 'plain'), 'time'),
+                     (hat.key, 'mmhat', 'memory'), (hat.key, 'plain', 'memory'),
+                     (r50.key, None, 'time'), (r50.key, None, 'memory')]
+    assert [(r.kernels, r.latency_s, r.peak_mem_mb, r.interleaved) for r in results] == [
+        ('mmhat', 0.5, 5.0, True), ('plain', 1.5, 5.0, True), (None, 1.0, 5.0, False)]

@@ -142,7 +142,10 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
         f'{mm["gflops_per_s"]:.1f} GFLOP/s (1 FMA = 1 FLOP, as get_flops counts)',
         f'- batch {batches_text(st["batch_size"])}; median of up to {st["runs"]} runs after {st["warmup"]} '
         f'warm-up; peak memory = rise during the first pass of a separate process '
-        f'({mem_method})', '']
+        f'({mem_method})'] + ([
+            '- rows that differ only in their kernels: timed in one process per model, input '
+            'and with_cp, alternating the configurations step by step (`--interleave`)']
+            if any(r.interleaved for r in results) else []) + ['']
 
     def cells_or_error(r, cells):
         return cells if r.ok else [f'error: {r.error}']
@@ -257,6 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "with_cp's attention replay; mmhat.utils.benchmark.KERNEL_FEATURES), "
                         'plain (none of them), both (a kernels/plain table), or ablate (both, '
                         'and all but one of each: a table of what each gives)')
+    p.add_argument('--interleave', action='store_true',
+                   help='with --kernels both/ablate: time the kernel configurations of a model '
+                        'in one process, alternating them step by step (changes of a few '
+                        'percent show; separate processes differ by up to ~10%%); memory '
+                        'still in a fresh process per row')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -443,7 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = B.measure_rows(plan_rows(models, args), isolate=True, retries=args.retries,
                              busy_cores=args.busy_cores, retry_wait=args.retry_wait,
                              timeout=args.worker_timeout,
-                             matmul_gflops_per_s=matmul['gflops_per_s'], on_row=save_partial)
+                             matmul_gflops_per_s=matmul['gflops_per_s'], on_row=save_partial,
+                             interleave=args.interleave)
     # FLOPs are counted once per model and size: every row of it gets them
     flops = {(r.model_key, tuple(r.size)): r.gflops for r in results if r.gflops is not None}
     for r in results:

@@ -167,6 +167,9 @@ class Result:
     foreign_cores_all: List[Optional[float]] = field(default_factory=list)
     own_cpu_share: Optional[float] = None
     attempts: int = 1
+    #: timed in one process with the other kernel configurations of its model, alternating
+    #: step by step (:func:`measure_interleaved`)
+    interleaved: bool = False
     error: Optional[str] = None
 
     @classmethod
@@ -648,6 +651,63 @@ def measure(row: Row, matmul_gflops_per_s: Optional[float] = None) -> Result:
     return result
 
 
+def interleave_key(row: Row) -> str:
+    """What rows that :func:`measure_interleaved` may time together share: everything but
+    their ``kernels`` (and the phase / FLOP bookkeeping)."""
+    data = dataclasses.asdict(row)
+    for k in ('kernels', 'phase', 'flops'):
+        data.pop(k)
+    return json.dumps(data, sort_keys=True, default=str)
+
+
+def measure_interleaved(rows: Sequence[Row]) -> List[Result]:
+    """Time rows that differ only in their training kernels here, on one model and input,
+    alternating the configurations step by step (run ``i`` starts at configuration ``i``).
+
+    Separate processes differ by up to ~10% for the same code (heap state, page placement);
+    within one process, alternating steps share the state and the machine's drift, so a
+    change of a few percent shows. Peak memory is not measured here (it needs a fresh
+    process per row)."""
+    if len({interleave_key(r) for r in rows}) != 1 or len({r.kernels for r in rows}) != len(rows):
+        raise ValueError('interleaved rows must differ in their kernels only')
+    first = rows[0]
+    torch.set_num_threads(first.threads)
+    device = torch.device(first.device)
+    with row_paths(first):
+        model, x = prepare(first)
+    step = make_step(model, model, x, first.mode, first.precision)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    times: List[List[float]] = [[] for _ in rows]
+    foreign: List[List[Optional[float]]] = [[] for _ in rows]
+    share: List[List[float]] = [[] for _ in rows]
+    for i, row in enumerate(rows):
+        with row_paths(row):
+            for _ in range(row.warmup):
+                step()
+    for run in range(first.runs):
+        for j in range(len(rows)):
+            i = (run + j) % len(rows)
+            with row_paths(rows[i]):
+                before = CpuSample()
+                times[i].append(time_once(step, device))
+                after = CpuSample()
+            foreign[i].append(before.foreign_cores(after))
+            share[i].append(before.own_share(after))
+    gflops = None
+    if any(r.flops for r in rows):
+        from mmhat.utils.flops import model_flops
+        gflops = model_flops(model, first.size)['gflops'] * first.batch
+    results = []
+    for i, row in enumerate(rows):
+        known = [f for f in foreign[i] if f is not None]
+        results.append(Result.of(
+            row, params_m=params_m, latency_s=statistics.median(times[i]),
+            latency_all_s=times[i], foreign_cores=statistics.median(known) if known else None,
+            foreign_cores_all=foreign[i], own_cpu_share=statistics.median(share[i]),
+            gflops=gflops if row.flops else None, interleaved=True))
+    return results
+
+
 #: operator name -> the kind of work it is, for the profile's summary (first match wins)
 OP_KINDS: Sequence[Tuple[str, Tuple[str, ...]]] = (
     ('attention', ('scaled_dot_product', '_flash_attention', '_efficient_attention', 'softmax',
@@ -822,6 +882,16 @@ def _row_from_json(text: str) -> Row:
 
 def spawn(row: Row, timeout: float) -> Result:
     """Measure ``row`` in a fresh interpreter; its threads follow ``row.threads``."""
+    return _spawn([row], timeout)[0]
+
+
+def spawn_interleaved(rows: Sequence[Row], timeout: float) -> List[Result]:
+    """:func:`measure_interleaved` of ``rows`` in a fresh interpreter."""
+    return _spawn(rows, timeout, interleaved=True)
+
+
+def _spawn(rows: Sequence[Row], timeout: float, interleaved: bool = False) -> List[Result]:
+    row = rows[0]
     env = dict(os.environ)
     n = str(row.threads)
     env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n,
@@ -831,23 +901,35 @@ def spawn(row: Row, timeout: float) -> Result:
     root = str(Path(mmhat.__file__).resolve().parents[1])
     env['PYTHONPATH'] = os.pathsep.join(
         [root] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    arg = (json.dumps([json.loads(_row_to_json(r)) for r in rows]) if interleaved
+           else _row_to_json(row))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'result.json'
         try:
             proc = subprocess.run(
-                [sys.executable, '-m', 'mmhat.utils.benchmark', _row_to_json(row), str(out)],
+                [sys.executable, '-m', 'mmhat.utils.benchmark', arg, str(out)],
                 env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return Result.of(row, error=f'worker exceeded {timeout:.0f} s')
+            return [Result.of(r, error=f'worker exceeded {timeout:.0f} s') for r in rows]
         if out.exists():
-            return Result(**json.loads(out.read_text()))
+            data = json.loads(out.read_text())
+            return [Result(**d) for d in (data if isinstance(data, list) else [data])]
         # No result file: killed (e.g. by the OOM killer) or crashed before writing it.
         tail = (proc.stderr or '').strip().splitlines()[-3:]
-        return Result.of(row, error=f'worker exited with {proc.returncode}: {" | ".join(tail)}'
-                         [:500])
+        return [Result.of(r, error=f'worker exited with {proc.returncode}: {" | ".join(tail)}'
+                          [:500]) for r in rows]
 
 
 def _worker(row_json: str, result_path: str) -> int:
+    """One row (a JSON object) -> one result; a list of rows -> their interleaved results."""
+    if row_json.lstrip().startswith('['):
+        rows = [_row_from_json(json.dumps(r)) for r in json.loads(row_json)]
+        try:
+            results = measure_interleaved(rows)
+        except Exception as e:
+            results = [Result.of(r, error=f'{type(e).__name__}: {e}'[:500]) for r in rows]
+        Path(result_path).write_text(json.dumps([dataclasses.asdict(r) for r in results]))
+        return 0
     row = _row_from_json(row_json)
     try:
         result = measure(row)
@@ -861,14 +943,32 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
                  busy_cores: Optional[float] = None, retry_wait: float = 30.0,
                  timeout: float = 1800.0, matmul_gflops_per_s: Optional[float] = None,
                  on_row: Optional[Callable[[List[Result]], None]] = None,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)
-                 ) -> List[Result]:
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+                 interleave: bool = False) -> List[Result]:
     """Measure every row: in fresh processes (``isolate``: timing and, on the CPU, memory
     each in its own; rows measured on an oversubscribed CPU are retried ``retries`` times)
-    or in this process. ``on_row`` gets the results so far after each row."""
+    or in this process. With ``interleave`` (and ``isolate``), rows that differ only in
+    their kernels are timed together in one process (:func:`measure_interleaved`), each
+    row's memory still in its own. ``on_row`` gets the results so far after each row."""
+    groups: Dict[str, List[Row]] = {}
+    if interleave and isolate:
+        for row in rows:
+            if not row.compile:
+                groups.setdefault(interleave_key(row), []).append(row)
+    timed: Dict[int, Result] = {}
     results: List[Result] = []
     for i, row in enumerate(rows, 1):
-        if not isolate:
+        group = groups.get(interleave_key(row), []) if groups and not row.compile else []
+        if len(group) > 1:
+            if id(row) not in timed:
+                log(f'    timing {len(group)} kernel configurations of {row.model.label} '
+                    'interleaved in one process')
+                timed.update(zip(map(id, group), _time_interleaved(
+                    group, retries, busy_cores, retry_wait, timeout, log)))
+            res = _with_memory(timed[id(row)], row, timeout)
+            if matmul_gflops_per_s and res.ok:
+                add_rate(res, matmul_gflops_per_s)
+        elif not isolate:
             try:
                 res = measure(row, matmul_gflops_per_s)
             except Exception as e:
@@ -911,12 +1011,45 @@ def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry
     res = min(ok, key=lambda a: a.foreign_cores or 0.0) if ok else attempts[-1]
     res.attempts = len(attempts)
     if ok and phase == 'time':
-        # Memory in a second fresh process (contention does not change it: no retries).
-        mem = spawn(dataclasses.replace(row, phase='memory', flops=False), timeout)
-        res.peak_mem_mb, res.mem_method = mem.peak_mem_mb, mem.mem_method
-        if mem.error:
-            res.mem_method = f'memory pass failed: {mem.error}'
+        res = _with_memory(res, row, timeout)
     return res
+
+
+def _with_memory(res: Result, row: Row, timeout: float) -> Result:
+    """``res`` with the peak memory of ``row``, measured in a fresh process (contention does
+    not change it: no retries)."""
+    if not res.ok:
+        return res
+    mem = spawn(dataclasses.replace(row, phase='memory', flops=False), timeout)
+    res.peak_mem_mb, res.mem_method = mem.peak_mem_mb, mem.mem_method
+    if mem.error:
+        res.mem_method = f'memory pass failed: {mem.error}'
+    return res
+
+
+def _time_interleaved(rows: Sequence[Row], retries: int, busy_cores: Optional[float],
+                      retry_wait: float, timeout: float,
+                      log: Callable[[str], None]) -> List[Result]:
+    """:func:`spawn_interleaved` with the retries of :func:`_measure_isolated` (the whole
+    group again when any of its rows saw a busy CPU)."""
+    limit = busy_cores if busy_cores is not None else max(0.5, (os.cpu_count() or 1) -
+                                                          rows[0].threads)
+    attempts: List[List[Result]] = []
+    for attempt in range(retries + 1):
+        got = spawn_interleaved([dataclasses.replace(r, phase='time') for r in rows],
+                                timeout * len(rows))
+        attempts.append(got)
+        busy = max((r.foreign_cores or 0.0) for r in got)
+        if not all(r.ok for r in got) or busy <= limit or rows[0].device != 'cpu':
+            break
+        if attempt < retries:
+            log(f'    busy machine ({busy:.2f} foreign cores), retrying in {retry_wait:.0f} s')
+            time.sleep(retry_wait)
+    best = min(attempts, key=lambda g: (not all(r.ok for r in g),
+                                        max((r.foreign_cores or 0.0) for r in g)))
+    for res in best:
+        res.attempts = len(attempts)
+    return best
 
 
 # ---------------------------------------------------------------------------------------
