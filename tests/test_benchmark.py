@@ -344,6 +344,7 @@ def test_measure_interleaved_alternates_the_kernel_configurations(monkeypatch, t
     assert seen == [mmhat, plain, no_conv, plain, no_conv, mmhat, no_conv, mmhat, plain]
     assert [r.kernels for r in results] == ['mmhat', 'plain', 'no-conv']
     assert all(r.interleaved and r.ok and len(r.latency_all_s) == 3 for r in results)
+    assert all(r.throughput == pytest.approx(1 / r.latency_s) for r in results)
     assert L.use_cpu_kernels() and L.use_act_recompute()  # restored
     with pytest.raises(ValueError, match='differ in their kernels only'):
         B.measure_interleaved([rows[0], B.dataclasses.replace(rows[1], batch=2)])

@@ -700,8 +700,9 @@ def measure_interleaved(rows: Sequence[Row]) -> List[Result]:
     results = []
     for i, row in enumerate(rows):
         known = [f for f in foreign[i] if f is not None]
+        latency = statistics.median(times[i])
         results.append(Result.of(
-            row, params_m=params_m, latency_s=statistics.median(times[i]),
+            row, params_m=params_m, latency_s=latency, throughput=row.batch / latency,
             latency_all_s=times[i], foreign_cores=statistics.median(known) if known else None,
             foreign_cores_all=foreign[i], own_cpu_share=statistics.median(share[i]),
             gflops=gflops if row.flops else None, interleaved=True))
