@@ -4,9 +4,9 @@ training step avoids two slow oneDNN/THNN kernels on channels-last maps, and
 
 The two kernels were found by ``tools/benchmark.py --profile`` (docs/benchmarks.md, "Training
 step: where the time went before the kernels"). Each is faster on its own shapes, measured
-alone; in the whole step ``tools/benchmark.py --kernels both`` measured them (with
-:func:`act_then_conv`) faster at batch 2 and within the noise of its separate processes at
-batch 1 (docs/benchmarks.md, "Training step"):
+alone; in the whole step ``tools/benchmark.py --kernels both --interleave`` measured them
+with :func:`act_then_conv` 1.06-1.16x faster than plain ``nn.Conv2d`` and autograd
+(HAT-Net-T, TransCNN-T, 800x1216, batch 1 and 2; docs/benchmarks.md, "Training step"):
 
 * :class:`PointwiseConv2d` (1x1, stride 1): on a channels-last map the 1x1 convolution *is*
   a ``Linear`` over the last axis of the NHWC view, so when a gradient is recorded it runs as
