@@ -680,7 +680,7 @@ def measure_interleaved(rows: Sequence[Row]) -> List[Result]:
     times: List[List[float]] = [[] for _ in rows]
     foreign: List[List[Optional[float]]] = [[] for _ in rows]
     share: List[List[float]] = [[] for _ in rows]
-    for i, row in enumerate(rows):
+    for row in rows:
         with row_paths(row):
             for _ in range(row.warmup):
                 step()
@@ -995,8 +995,7 @@ def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry
                       timeout: float, log: Callable[[str], None]) -> Result:
     cpu = row.device == 'cpu'
     phase = 'time' if cpu and not row.compile else 'all'
-    limit = busy_cores if busy_cores is not None else max(0.5, (os.cpu_count() or 1) -
-                                                          row.threads)
+    limit = _busy_limit(busy_cores, row.threads)
     attempts: List[Result] = []
     for attempt in range(retries + 1):
         res = spawn(dataclasses.replace(row, phase=phase), timeout)
@@ -1016,6 +1015,12 @@ def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry
     return res
 
 
+def _busy_limit(busy_cores: Optional[float], threads: int) -> float:
+    """Foreign cores above which a CPU row counts as measured on a busy machine (default:
+    the cores the row does not use, at least half a core)."""
+    return busy_cores if busy_cores is not None else max(0.5, (os.cpu_count() or 1) - threads)
+
+
 def _with_memory(res: Result, row: Row, timeout: float) -> Result:
     """``res`` with the peak memory of ``row``, measured in a fresh process (contention does
     not change it: no retries)."""
@@ -1033,8 +1038,7 @@ def _time_interleaved(rows: Sequence[Row], retries: int, busy_cores: Optional[fl
                       log: Callable[[str], None]) -> List[Result]:
     """:func:`spawn_interleaved` with the retries of :func:`_measure_isolated` (the whole
     group again when any of its rows saw a busy CPU)."""
-    limit = busy_cores if busy_cores is not None else max(0.5, (os.cpu_count() or 1) -
-                                                          rows[0].threads)
+    limit = _busy_limit(busy_cores, rows[0].threads)
     attempts: List[List[Result]] = []
     for attempt in range(retries + 1):
         got = spawn_interleaved([dataclasses.replace(r, phase='time') for r in rows],
