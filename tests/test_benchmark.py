@@ -383,3 +383,8 @@ def test_measure_rows_interleaves_only_kernel_twins(monkeypatch):
                      (r50.key, None, 'time'), (r50.key, None, 'memory')]
     assert [(r.kernels, r.latency_s, r.peak_mem_mb, r.interleaved) for r in results] == [
         ('mmhat', 0.5, 5.0, True), ('plain', 1.5, 5.0, True), (None, 1.0, 5.0, False)]
+
+
+def test_interleave_without_kernel_configurations_is_refused():
+    with pytest.raises(SystemExit, match='give --kernels both or --kernels ablate'):
+        load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave'])

@@ -403,6 +403,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.warmup, args.runs, args.cp, args.matmul_size = 1, 2, 'off', 512
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('--device cuda given, but this torch sees no CUDA device')
+    if args.interleave and args.kernels not in ('both', 'ablate'):
+        raise SystemExit('--interleave times the kernel configurations of a model together: '
+                         'give --kernels both or --kernels ablate')
     args.warmup = max(1, args.warmup)
     peers = [] if args.peers in (['none'], []) else args.peers
     unknown = [p for p in peers if p.lower() not in B.PEERS]
