@@ -223,6 +223,9 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
         r.interleaved = True
     assert 'alternating the configurations step by step (`--interleave`)' in \
         tool.to_markdown(report, results, s, {})
+    report['settings']['interleave'] = 'models'
+    assert 'taking turns step by step (`--interleave models`)' in \
+        tool.to_markdown(report, results, s, {})
 
 
 def test_kernel_ablation_rows_switch_one_feature_off_each():
@@ -388,3 +391,81 @@ def test_measure_rows_interleaves_only_kernel_twins(monkeypatch):
 def test_interleave_without_kernel_configurations_is_refused():
     with pytest.raises(SystemExit, match='give --kernels both or --kernels ablate'):
         load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave'])
+
+
+def test_measure_interleaved_across_models(monkeypatch):
+    """--interleave models: rows of several models (and a model's kernel configurations) at
+    one size, mode and batch take turns step by step in one process; rows of one model share
+    it; each row reports its own model's parameters and FLOPs."""
+    from mmhat.models import layers as L
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
+    rows = [B.Row(model=hat, size=(64, 64), mode='train', attn='fused', layout='channels_last',
+                  kernels=k, runs=3, warmup=1, flops=True) for k in ('mmhat', 'plain')]
+    rows.append(B.Row(model=r50, size=(64, 64), mode='train', runs=3, warmup=1, flops=True))
+    seen, time_once = [], B.time_once
+
+    def recording(fn, device):
+        seen.append((fn, L.use_cpu_kernels()))
+        return time_once(fn, device)
+    monkeypatch.setattr(B, 'time_once', recording)
+    built = []
+    prepare = B.prepare
+    monkeypatch.setattr(B, 'prepare', lambda row: built.append(row.model.key) or prepare(row))
+    with pytest.raises(ValueError, match='differ in their kernels only'):
+        B.measure_interleaved(rows)  # across kernels only: R50 is another model
+    built.clear()
+    results = B.measure_interleaved(rows, across='models')
+    assert built == [hat.key, r50.key]  # HAT-Net's two rows share one model
+    order = list(dict.fromkeys(fn for fn, _ in seen))
+    assert len(order) == 3
+    assert [order.index(fn) for fn, _ in seen] == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    # HAT-Net's rows switch the kernels; R50 runs with the kernels as they were (on)
+    assert [k for fn, k in seen[:3]] == [True, False, True]
+    assert [r.model_key for r in results] == [hat.key, hat.key, r50.key]
+    assert all(r.interleaved and r.ok and len(r.latency_all_s) == 3 for r in results)
+    assert results[0].params_m == results[1].params_m != results[2].params_m
+    assert results[0].gflops == results[1].gflops != results[2].gflops
+    assert all(positive(r.gflops) for r in results)
+    with pytest.raises(ValueError, match='differ in their model / attn / layout / kernels'):
+        B.measure_interleaved([rows[0], B.dataclasses.replace(rows[2], batch=2)],
+                              across='models')
+    with pytest.raises(ValueError, match='differ from each other'):
+        B.measure_interleaved([rows[0], rows[0]], across='models')
+    with pytest.raises(ValueError, match='unknown interleave mode'):
+        B.interleave_key(rows[0], 'sizes')
+
+
+def test_measure_rows_interleaves_models(monkeypatch):
+    """With interleave='models' the rows of one size, mode, batch and with_cp go to one
+    worker whatever their model; other batches and with_cp form their own groups; memory
+    stays per row."""
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
+    rows = [B.Row(model=m, size=(64, 64), mode='train', batch=b)
+            for b in (1, 2) for m in (hat, r50)]
+    rows.append(B.Row(model=hat, size=(64, 64), mode='train', with_cp=True))
+    calls = []
+
+    def spawn(row, timeout):
+        calls.append((row.model.key, row.batch, row.with_cp, row.phase))
+        return B.Result.of(row, latency_s=1.0, peak_mem_mb=5.0, mem_method='VmHWM')
+
+    def spawn_interleaved(group, timeout):
+        calls.append(('interleaved', tuple((r.model.key, r.batch) for r in group)))
+        return [B.Result.of(r, latency_s=0.5 + i, interleaved=True) for i, r in enumerate(group)]
+    monkeypatch.setattr(B, 'spawn', spawn)
+    monkeypatch.setattr(B, 'spawn_interleaved', spawn_interleaved)
+    results = B.measure_rows(rows, interleave='models', log=lambda s: None)
+    assert calls == [('interleaved', ((hat.key, 1), (r50.key, 1))),
+                     (hat.key, 1, False, 'memory'), (r50.key, 1, False, 'memory'),
+                     ('interleaved', ((hat.key, 2), (r50.key, 2))),
+                     (hat.key, 2, False, 'memory'), (r50.key, 2, False, 'memory'),
+                     (hat.key, 1, True, 'time'), (hat.key, 1, True, 'memory')]
+    assert [(r.latency_s, r.interleaved) for r in results] == [
+        (0.5, True), (1.5, True), (0.5, True), (1.5, True), (1.0, False)]
+
+
+def test_interleave_models_needs_two_models():
+    with pytest.raises(SystemExit, match='give two or more'):
+        load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'models'])
+    with pytest.raises(SystemExit, match='or --interleave models'):
+        load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'kernels'])

@@ -48,6 +48,16 @@ DEFAULT_PEERS = ('swin-t', 'pvtv2-b1', 'pvtv2-b2', 'r50')
 REF_PREFERENCE = ('pvtv2-b2', 'r50', 'swin-t', 'pvtv2-b1')
 
 
+#: the report's line on rows timed together (``--interleave``)
+INTERLEAVED = {
+    'kernels': '- rows that differ only in their kernels: timed in one process per model, input '
+               'and with_cp, alternating the configurations step by step (`--interleave`)',
+    'models': '- rows of one input size, mode, batch and with_cp: timed in one process, the '
+              'models and their kernel configurations taking turns step by step '
+              '(`--interleave models`); memory in a fresh process per row',
+}
+
+
 def plan_rows(models: Sequence[B.ModelSpec], args) -> List[B.Row]:
     """Every (size, model, mode, attention, layout, with_cp, compile) to measure; sizes
     outermost so the rows compared with each other run close together in time."""
@@ -143,8 +153,7 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
         f'- batch {batches_text(st["batch_size"])}; median of up to {st["runs"]} runs after {st["warmup"]} '
         f'warm-up; peak memory = rise during the first pass of a separate process '
         f'({mem_method})'] + ([
-            '- rows that differ only in their kernels: timed in one process per model, input '
-            'and with_cp, alternating the configurations step by step (`--interleave`)']
+            INTERLEAVED['models' if st.get('interleave') == 'models' else 'kernels']]
             if any(r.interleaved for r in results) else []) + ['']
 
     def cells_or_error(r, cells):
@@ -260,11 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "with_cp's attention replay; mmhat.utils.benchmark.KERNEL_FEATURES), "
                         'plain (none of them), both (a kernels/plain table), or ablate (both, '
                         'and all but one of each: a table of what each gives)')
-    p.add_argument('--interleave', action='store_true',
-                   help='with --kernels both/ablate: time the kernel configurations of a model '
-                        'in one process, alternating them step by step (changes of a few '
-                        'percent show; separate processes differ by up to ~10%%); memory '
-                        'still in a fresh process per row')
+    p.add_argument('--interleave', nargs='?', const='kernels', choices=['kernels', 'models'],
+                   help='time rows together in one process, alternating them step by step '
+                        '(changes of a few percent show; separate processes differ by up to '
+                        '~10%%, a peer by up to 25%% between runs): "kernels" (the default '
+                        'when given without a value; with --kernels both/ablate) the kernel '
+                        'configurations of a model; "models" every row of one input size, '
+                        'mode, batch and with_cp, so that the ratios between models are as '
+                        'steady as those between kernels; memory still in a fresh process per '
+                        'row')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -403,9 +416,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.warmup, args.runs, args.cp, args.matmul_size = 1, 2, 'off', 512
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('--device cuda given, but this torch sees no CUDA device')
-    if args.interleave and args.kernels not in ('both', 'ablate'):
+    if args.interleave == 'kernels' and args.kernels not in ('both', 'ablate'):
         raise SystemExit('--interleave times the kernel configurations of a model together: '
-                         'give --kernels both or --kernels ablate')
+                         'give --kernels both or --kernels ablate (or --interleave models to '
+                         'time the models together)')
     args.warmup = max(1, args.warmup)
     peers = [] if args.peers in (['none'], []) else args.peers
     unknown = [p for p in peers if p.lower() not in B.PEERS]
@@ -427,6 +441,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f'--ref {args.ref!r} is not among the measured models {keys}')
         ref = by_label[ref]
     ref_label = next((m.label for m in models if m.key == ref), None)
+    if args.interleave == 'models' and len(models) < 2 and args.kernels not in ('both',
+                                                                                'ablate'):
+        raise SystemExit('--interleave models times several models together: give two or '
+                         'more (models or --peers)')
 
     torch.set_num_threads(args.threads)
     machine = B.machine_info(args.device, args.threads)

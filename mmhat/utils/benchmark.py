@@ -167,8 +167,8 @@ class Result:
     foreign_cores_all: List[Optional[float]] = field(default_factory=list)
     own_cpu_share: Optional[float] = None
     attempts: int = 1
-    #: timed in one process with the other kernel configurations of its model, alternating
-    #: step by step (:func:`measure_interleaved`)
+    #: timed in one process with other rows (the other kernel configurations of its model,
+    #: or other models too), alternating step by step (:func:`measure_interleaved`)
     interleaved: bool = False
     error: Optional[str] = None
 
@@ -651,36 +651,64 @@ def measure(row: Row, matmul_gflops_per_s: Optional[float] = None) -> Result:
     return result
 
 
-def interleave_key(row: Row) -> str:
+#: ``--interleave`` modes: what the rows that one process times together may differ in
+INTERLEAVE_ACROSS: Dict[str, Tuple[str, ...]] = {
+    'kernels': ('kernels',),
+    'models': ('model', 'attn', 'layout', 'kernels'),
+}
+
+
+def interleave_key(row: Row, across: str = 'kernels') -> str:
     """What rows that :func:`measure_interleaved` may time together share: everything but
-    their ``kernels`` (and the phase / FLOP bookkeeping)."""
+    the fields of :data:`INTERLEAVE_ACROSS` ``[across]`` (and the phase / FLOP bookkeeping)."""
+    if across not in INTERLEAVE_ACROSS:
+        raise ValueError(f'unknown interleave mode {across!r}: one of '
+                         f'{", ".join(INTERLEAVE_ACROSS)}')
     data = dataclasses.asdict(row)
-    for k in ('kernels', 'phase', 'flops'):
+    for k in INTERLEAVE_ACROSS[across] + ('phase', 'flops'):
         data.pop(k)
     return json.dumps(data, sort_keys=True, default=str)
 
 
-def measure_interleaved(rows: Sequence[Row]) -> List[Result]:
-    """Time rows that differ only in their training kernels here, on one model and input,
-    alternating the configurations step by step (run ``i`` starts at configuration ``i``).
+def measure_interleaved(rows: Sequence[Row], across: str = 'kernels') -> List[Result]:
+    """Time rows here that differ only in the fields of :data:`INTERLEAVE_ACROSS`
+    ``[across]`` (``'kernels'``: one model's training kernels; ``'models'``: also the model,
+    its attention path and weight layout), alternating them step by step (run ``i`` starts
+    at row ``i``); rows of one model share it.
 
-    Separate processes differ by up to ~10% for the same code (heap state, page placement);
-    within one process, alternating steps share the state and the machine's drift, so a
-    change of a few percent shows. Peak memory is not measured here (it needs a fresh
-    process per row)."""
-    if len({interleave_key(r) for r in rows}) != 1 or len({r.kernels for r in rows}) != len(rows):
-        raise ValueError('interleaved rows must differ in their kernels only')
+    Separate processes differ by up to ~10% for the same code (heap state, page placement),
+    a peer's row by up to 25% between runs; within one process, alternating steps share the
+    state and the machine's drift, so a change of a few percent shows, between kernels or
+    between models. Peak memory is not measured here (it needs a fresh process per row)."""
+    if len({interleave_key(r, across) for r in rows}) != 1:
+        raise ValueError('interleaved rows must differ in their '
+                         f'{" / ".join(INTERLEAVE_ACROSS[across])} only')
+    if len({interleave_key(r, 'kernels') + str(r.kernels) for r in rows}) != len(rows):
+        raise ValueError('interleaved rows must differ from each other')
     first = rows[0]
     torch.set_num_threads(first.threads)
     device = torch.device(first.device)
-    with row_paths(first):
-        model, x = prepare(first)
-    step = make_step(model, model, x, first.mode, first.precision)
-    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    built: Dict[str, Tuple[torch.nn.Module, torch.Tensor]] = {}
+    steps, params_m, gflops = [], [], []
+    for row in rows:
+        # the model and its weight layout; attention path and kernels are switched per step
+        key = json.dumps([dataclasses.asdict(row.model), row.layout], sort_keys=True,
+                         default=str)
+        if key not in built:
+            with row_paths(row):
+                built[key] = prepare(row)
+        model, x = built[key]
+        steps.append(make_step(model, model, x, row.mode, row.precision))
+        params_m.append(sum(p.numel() for p in model.parameters()) / 1e6)
+        if row.flops:
+            from mmhat.utils.flops import model_flops
+            gflops.append(model_flops(model, row.size)['gflops'] * row.batch)
+        else:
+            gflops.append(None)
     times: List[List[float]] = [[] for _ in rows]
     foreign: List[List[Optional[float]]] = [[] for _ in rows]
     share: List[List[float]] = [[] for _ in rows]
-    for row in rows:
+    for row, step in zip(rows, steps):
         with row_paths(row):
             for _ in range(row.warmup):
                 step()
@@ -689,23 +717,19 @@ def measure_interleaved(rows: Sequence[Row]) -> List[Result]:
             i = (run + j) % len(rows)
             with row_paths(rows[i]):
                 before = CpuSample()
-                times[i].append(time_once(step, device))
+                times[i].append(time_once(steps[i], device))
                 after = CpuSample()
             foreign[i].append(before.foreign_cores(after))
             share[i].append(before.own_share(after))
-    gflops = None
-    if any(r.flops for r in rows):
-        from mmhat.utils.flops import model_flops
-        gflops = model_flops(model, first.size)['gflops'] * first.batch
     results = []
     for i, row in enumerate(rows):
         known = [f for f in foreign[i] if f is not None]
         latency = statistics.median(times[i])
         results.append(Result.of(
-            row, params_m=params_m, latency_s=latency, throughput=row.batch / latency,
+            row, params_m=params_m[i], latency_s=latency, throughput=row.batch / latency,
             latency_all_s=times[i], foreign_cores=statistics.median(known) if known else None,
             foreign_cores_all=foreign[i], own_cpu_share=statistics.median(share[i]),
-            gflops=gflops if row.flops else None, interleaved=True))
+            gflops=gflops[i], interleaved=True))
     return results
 
 
@@ -926,7 +950,8 @@ def _worker(row_json: str, result_path: str) -> int:
     if row_json.lstrip().startswith('['):
         rows = [_row_from_json(json.dumps(r)) for r in json.loads(row_json)]
         try:
-            results = measure_interleaved(rows)
+            # the caller grouped them; any rows equal but for model and kernels are fine here
+            results = measure_interleaved(rows, across='models')
         except Exception as e:
             results = [Result.of(r, error=f'{type(e).__name__}: {e}'[:500]) for r in rows]
         Path(result_path).write_text(json.dumps([dataclasses.asdict(r) for r in results]))
@@ -945,25 +970,28 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
                  timeout: float = 1800.0, matmul_gflops_per_s: Optional[float] = None,
                  on_row: Optional[Callable[[List[Result]], None]] = None,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-                 interleave: bool = False) -> List[Result]:
+                 interleave: Optional[str] = None) -> List[Result]:
     """Measure every row: in fresh processes (``isolate``: timing and, on the CPU, memory
     each in its own; rows measured on an oversubscribed CPU are retried ``retries`` times)
     or in this process. With ``interleave`` (and ``isolate``), rows that differ only in
-    their kernels are timed together in one process (:func:`measure_interleaved`), each
-    row's memory still in its own. ``on_row`` gets the results so far after each row."""
+    the fields of :data:`INTERLEAVE_ACROSS` ``[interleave]`` (``'kernels'``, or ``'models'``)
+    are timed together in one process (:func:`measure_interleaved`), each row's memory
+    still in its own. ``on_row`` gets the results so far after each row."""
+    across = 'kernels' if interleave is True else interleave or None
     groups: Dict[str, List[Row]] = {}
-    if interleave and isolate:
+    if across and isolate:
         for row in rows:
             if not row.compile:
-                groups.setdefault(interleave_key(row), []).append(row)
+                groups.setdefault(interleave_key(row, across), []).append(row)
     timed: Dict[int, Result] = {}
     results: List[Result] = []
     for i, row in enumerate(rows, 1):
-        group = groups.get(interleave_key(row), []) if groups and not row.compile else []
+        group = (groups.get(interleave_key(row, across), []) if groups and not row.compile
+                 else [])
         if len(group) > 1:
             if id(row) not in timed:
-                log(f'    timing {len(group)} kernel configurations of {row.model.label} '
-                    'interleaved in one process')
+                what = ', '.join(dict.fromkeys(r.model.label for r in group))
+                log(f'    timing {len(group)} rows ({what}) interleaved in one process')
                 timed.update(zip(map(id, group), _time_interleaved(
                     group, retries, busy_cores, retry_wait, timeout, log)))
             res = _with_memory(timed[id(row)], row, timeout)
