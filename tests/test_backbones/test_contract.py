@@ -2,6 +2,8 @@
 checks; the families' declared facts say what to expect): equality with the official models
 on the reference cases, exact parameter counts, any input size, out_indices, frozen stages,
 norm_eval, with_cp, channels-last, fused attention, checkpoints and bad input."""
+import importlib
+
 import pytest
 import torch
 
@@ -226,6 +228,65 @@ def test_with_cp_replays_the_fused_attention_instead_of_recomputing_it(cls, monk
     for a, b, c in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=floor)
         torch.testing.assert_close(c, b, rtol=1e-7, atol=floor)
+
+
+#: families whose q/k/v projections go through ``layers.attention_input``
+ATTENTION_INPUT_FAMILIES = [c for c in FUSED_FAMILIES if c.__name__ in ('HATNet', 'TransCNN')]
+
+
+@pytest.mark.parametrize('cls', ATTENTION_INPUT_FAMILIES,
+                         ids=[c.__name__ for c in ATTENTION_INPUT_FAMILIES])
+def test_with_cp_recomputation_skips_the_attention_input_products(cls, monkeypatch):
+    """Under with_cp with the fused attention replayed, the q/k/v projections
+    (``attention_input``) are not multiplied again in the backward's recomputation: no
+    matrix product of the backward adds one of their biases (the forward's does), while
+    the output projection's bias still is (it is recomputed: the detector works); the
+    gradients equal those of the plain model at an awkward size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    A = importlib.import_module('mmhat.models.layers.attention')  # the package's
+    # ``attention`` attribute is the function
+    from mmhat.models.layers import PointwiseConv2d
+    inputs, apply = [], A._AttentionInput.apply
+
+    def recording(x, weight, bias, proj, skip):
+        inputs.append(proj)
+        return apply(x, weight, bias, proj, skip)
+    monkeypatch.setattr(A._AttentionInput, 'apply', recording)
+
+    class BiasesAdded(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ptrs = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.addmm.default:
+                self.ptrs.add(args[0].data_ptr())
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = contract.build(cls).double().train()
+    x = torch.randn(1, 3, 75, 69, dtype=torch.float64)
+    grads = []
+    for with_cp in (False, True):
+        model.with_cp = with_cp
+        model.zero_grad(set_to_none=True)
+        inputs.clear()
+        loss = sum((o * o).sum() for o in model(x))
+        mode = BiasesAdded()
+        with mode:
+            loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    projections = {id(m) for m in inputs}
+    assert len(projections) >= len(list(model.stages[0].blocks))  # every block's qkv at least
+    skipped = {m.bias.data_ptr() for m in model.modules() if id(m) in projections}
+    recomputed = {m.bias.data_ptr() for m in model.modules()
+                  if isinstance(m, PointwiseConv2d) and m.bias is not None
+                  and id(m) not in projections}
+    assert not skipped & mode.ptrs
+    assert recomputed & mode.ptrs
+    floor = 1e-9 * max(g.abs().max().item() for g in grads[0].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-9, atol=floor, msg=n)
 
 
 def test_kept_attention_refuses_a_recomputation_that_differs():

@@ -29,9 +29,9 @@ from mmengine.model.weight_init import trunc_normal_init
 from torch import nn
 
 from mmhat.registry import MODELS
-from ..layers import (DepthwiseConv2d, PointwiseConv2d, act_then_conv, attention, ceil_pool2d,
-                      drop_path, head_dims, merge_heads_nchw, pad_amounts, split_heads_nchw,
-                      use_fused_attn, window_attention)
+from ..layers import (DepthwiseConv2d, PointwiseConv2d, act_then_conv, attention,
+                      attention_input, ceil_pool2d, drop_path, head_dims, merge_heads_nchw,
+                      pad_amounts, split_heads_nchw, use_fused_attn, window_attention)
 from .base import Publication, PyramidBackbone, PyramidStage
 
 
@@ -86,7 +86,8 @@ class HATAttention(nn.Module):
         """``(B, C, H, W)`` -> ``(B, C, H, W)``, any H and W."""
         hw = x.shape[-2:]
         fused = use_fused_attn(self.fused)
-        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W), channels [q | k | v], head-major
+        # q/k/v projections feed the attention only (with_cp's replay skips their products)
+        qkv = attention_input(self.qkv, self.norm(x), fused)  # (B, 3C, H, W), [q | k | v]
         if self.grid_size == 1:
             q, k, v = split_heads_nchw(qkv, 3 * self.num_heads).chunk(3, dim=1)  # (B, h, N, d)
             return self.proj(merge_heads_nchw(attention(q, k, v, self.scale, fused=fused), hw))
@@ -95,10 +96,10 @@ class HATAttention(nn.Module):
         local = window_attention(qkv, self.grid_size, self.num_heads, self.scale,
                                  pad_amounts(hw, self.grid_size), fused)  # (B, C, H, W)
         g = self.grid_norm(x + local)
-        q = split_heads_nchw(self.q(g), self.num_heads)  # (B, h, N, d)
+        q = split_heads_nchw(attention_input(self.q, g, fused), self.num_heads)  # (B, h, N, d)
         # ceil_mode: border windows average their valid pixels only (no padded keys).
         pooled = ceil_pool2d(g, self.ds_ratio, 'avg')  # (B, C, ceil(H/r), ceil(W/r))
-        k, v = split_heads_nchw(self.kv(self.ds_norm(pooled)),
+        k, v = split_heads_nchw(attention_input(self.kv, self.ds_norm(pooled), fused),
                                 2 * self.num_heads).chunk(2, dim=1)  # (B, h, N/r^2, d)
         glb = merge_heads_nchw(attention(q, k, v, self.scale, fused=fused), hw)  # (B, C, H, W)
         return self.proj(glb + g)

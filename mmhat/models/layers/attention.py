@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmhat import compat
+from .conv import PointwiseConv2d
 from .layout import crop, pad_bottom_right, window_partition, window_reverse
 from .switches import env_switch
 
@@ -108,7 +109,9 @@ class KeptAttention:
     checkpoint's saved-tensor hooks) and remembers its output; inside :meth:`recomputation`
     it hands the same outputs back, in call order, and computes nothing. The values the
     recomputation produces are the forward's exactly. The explicit path keeps nothing: its
-    (N_q, N_k) matrix is what checkpointing exists to free.
+    (N_q, N_k) matrix is what checkpointing exists to free. Nor are the projections that
+    only feed a replayed kernel multiplied again (:func:`attention_input`): in a HAT-Net
+    block the q/k/v products are four of the five attention GEMMs.
     """
 
     def __init__(self) -> None:
@@ -149,6 +152,53 @@ def _keep(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _replaying(fused: bool) -> Optional[KeptAttention]:
+    """The :class:`KeptAttention` whose recomputation runs now, if the fused path is
+    taken (the explicit path keeps nothing, so it is always computed)."""
+    kept = _KEPT[-1] if fused and _KEPT else None
+    return kept if kept is not None and kept.replaying else None
+
+
+def attention_input(proj: PointwiseConv2d, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``proj(x)`` for a 1x1 projection whose output only feeds :func:`attention` /
+    :func:`window_attention` (through views, pads and window cuts, which save nothing for
+    the backward): queries, keys, values.
+
+    Inside an activation-checkpointed forward that keeps the fused attention
+    (:class:`KeptAttention`), the projection keeps only ``x`` for its backward (the
+    gradients of :meth:`PointwiseConv2d.gradients`), and in the recomputation, which
+    replays the attention's output, its product is not computed again: the output would
+    only feed the replayed kernel, so a placeholder of its shape stands in (zero strides:
+    every view of it is free; :func:`attention` and :func:`window_attention` return the
+    kept output before touching it). The backward's values are those of ``proj(x)``;
+    elsewhere (no checkpoint, the explicit path, autocast) this is ``proj(x)``.
+    """
+    kept = _KEPT[-1] if fused and _KEPT else None
+    if kept is None or compat.is_autocast_enabled(x.device.type):
+        return proj(x)
+    return _AttentionInput.apply(x, proj.weight, proj.bias, proj, kept.replaying)
+
+
+class _AttentionInput(torch.autograd.Function):
+    """:func:`attention_input`'s projection: keeps ``x``; ``skip``: no product."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                proj: PointwiseConv2d, skip: bool) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.proj = proj
+        if skip:
+            B, _, H, W = x.shape
+            return x.new_zeros(()).expand(B, proj.out_channels, H, W)  # (B, C_out, H, W)
+        return proj.training_forward(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return ctx.proj.gradients(grad, x, ctx.needs_input_grad[:3]) + (None, None)
+
+
 def attention(q: torch.Tensor,
               k: torch.Tensor,
               v: torch.Tensor,
@@ -169,6 +219,9 @@ def attention(q: torch.Tensor,
     Returns:
         ``(..., N_q, d_v)``.
     """
+    kept = _replaying(fused)
+    if kept is not None:
+        return kept.replay()  # before any copy: q, k and v may be placeholders here
     if fused:
         # The CPU flash kernel needs unit stride along d; with any other layout SDPA
         # silently falls back to its math backend, which materialises the (N_q, N_k)
@@ -180,8 +233,6 @@ def attention(q: torch.Tensor,
             record(call)
     if fused:
         kept = _KEPT[-1] if _KEPT else None
-        if kept is not None and kept.replaying:
-            return kept.replay()
         q, sdpa_scale = compat.sdpa_scale_for_export(q, scale)
         if kept is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=sdpa_scale)
@@ -226,16 +277,22 @@ def window_attention(qkv: torch.Tensor,
     B, C3, H, W = qkv.shape
     G, h = window, num_heads
     pad_h, pad_w = pad
-    padded = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
-    cells = window_partition(padded, G)  # (B, nH, nW, G*G, 3C)
-    _, nH, nW, _, _ = cells.shape
-    cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
-    q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
-    mask = None
-    if pad_h or pad_w:
-        mask = _valid_key_mask((H, W), padded.shape[-2:], G, qkv.device)  # (nH*nW, 1, 1, G*G)
-        mask = mask.repeat(B, 1, 1, 1)  # (B', 1, 1, G*G)
-    out = attention(q, k, v, scale, attn_mask=mask, fused=fused)  # (B', h, G*G, d)
+    nH, nW = (H + pad_h) // G, (W + pad_w) // G
+    kept = _replaying(fused)
+    if kept is not None:
+        # a recomputation replaying the kernel: the cells are not cut (nothing saves them)
+        out = kept.replay()  # (B', h, G*G, d)
+    else:
+        padded = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
+        cells = window_partition(padded, G)  # (B, nH, nW, G*G, 3C)
+        cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
+        q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
+        mask = None
+        if pad_h or pad_w:
+            mask = _valid_key_mask((H, W), padded.shape[-2:], G,
+                                   qkv.device)  # (nH*nW, 1, 1, G*G)
+            mask = mask.repeat(B, 1, 1, 1)  # (B', 1, 1, G*G)
+        out = attention(q, k, v, scale, attn_mask=mask, fused=fused)  # (B', h, G*G, d)
     out = out.transpose(1, 2).reshape(B, nH, nW, G * G, C3 // 3)  # (B, nH, nW, G*G, C)
     return crop(window_reverse(out, G), (H, W))  # (B, C, H, W)
 

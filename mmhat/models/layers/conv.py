@@ -104,7 +104,14 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_ENABLED and torch.is_grad_enabled() and _applies(x)):
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return self.training_forward(x)
+
+    def training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution as a training step computes it: ``F.linear`` on the NHWC view
+        where the kernels apply, else ``nn.Conv2d``'s."""
+        if not (_ENABLED and _applies(x)):
             return super().forward(x)
         weight = self.weight.flatten(1)  # (C_out, C_in)
         y = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)  # (B, H, W, C_out)
