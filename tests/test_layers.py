@@ -354,3 +354,51 @@ def test_env_switch_refuses_a_typo(monkeypatch):
     out = subprocess.run([sys.executable, '-c', 'import mmhat.models'], capture_output=True,
                          text=True, env={**__import__('os').environ, 'MMHAT_FUSED_ATTN': 'flase'})
     assert out.returncode != 0 and "MMHAT_FUSED_ATTN='flase'" in out.stderr
+
+
+# ----------------------------------------------------------------------------- drop path
+def test_drop_path_equals_mmcv_and_keeps_its_mask_off_the_saved_tensors():
+    """mmhat's DropPath draws, outputs and differentiates as mmcv's, bit for bit; under
+    activation checkpointing the recomputation stops before the branch's last linear layer
+    (mmcv's saves its mask after it, so that layer is multiplied again)."""
+    from mmcv.cnn.bricks import DropPath as MMCVDropPath
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+    from mmhat.models.layers.drop import DropPath, drop_path
+    assert isinstance(drop_path(0.0), torch.nn.Identity)
+    assert isinstance(drop_path(0.3), DropPath) and drop_path(0.3).drop_prob == 0.3
+    x = torch.randn(8, 5, 7, dtype=torch.float64)
+    outs = []
+    for cls in (MMCVDropPath, DropPath):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        y = cls(0.5)(xi)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert (outs[1][0] == 0).flatten(1).all(dim=1).any()  # some samples dropped at 0.5
+    assert torch.equal(DropPath(0.5).eval()(x), x)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        assert torch.equal(DropPath(0.5)(x), outs[1][0])
+
+    class Products(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func is torch.ops.aten.addmm.default
+            return func(*args, **(kwargs or {}))
+
+    fc1, fc2 = torch.nn.Linear(7, 16), torch.nn.Linear(16, 7)
+    recomputed = {}
+    for cls in (MMCVDropPath, DropPath):
+        dp = cls(0.5)
+        xi = x.float().requires_grad_()
+        y = checkpoint(lambda t: t + dp(fc2(torch.relu(fc1(t)))), xi, use_reentrant=False)
+        mode = Products()
+        with mode:
+            y.sum().backward()
+        recomputed[cls] = mode.count
+    assert recomputed == {MMCVDropPath: 2, DropPath: 1}  # fc1 and fc2 / fc1 only
