@@ -226,6 +226,14 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     report['settings']['interleave'] = 'models'
     assert 'taking turns step by step (`--interleave models`)' in \
         tool.to_markdown(report, results, s, {})
+    # with_cp against plain, per batch
+    cp = [result(hat, mode='train', attn='fused', layout='channels_last', kernels='mmhat',
+                 with_cp=True, batch=b, latency_s=t, peak_mem_mb=4.0)
+          for b, t in ((1, 1.0), (2, 1.8))]
+    s = tool.summaries(results + cp)
+    md = tool.to_markdown(report, results + cp, s, {})
+    assert '| model | input | batch | path | peak mem plain (MB) |' in md
+    assert '| HATNet-tiny | 64x96 | 2 | fused | 20 | 4 | 0.20 | 1.20 |' in md
 
 
 def test_kernel_ablation_rows_switch_one_feature_off_each():

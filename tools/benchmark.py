@@ -214,11 +214,12 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
                       ('speed-up (all/without)', lambda p: f(p.speedup)),
                       ('memory ratio (all/without)', lambda p: f(p.mem_ratio))]),
         ('with_cp_vs_plain', 'Activation checkpointing (with_cp) vs plain, training step',
-         pair_base[:2] + [('path', lambda p: p.result.path()),
-                          ('peak mem plain (MB)', lambda p: f(p.reference.peak_mem_mb, '.0f')),
-                          ('with_cp (MB)', lambda p: f(p.result.peak_mem_mb, '.0f')),
-                          ('memory ratio', lambda p: f(p.mem_ratio)),
-                          ('time ratio', lambda p: f(p.time_ratio))]),
+         pair_base[:2] + pair_base[4:] +  # model, input (, batch)
+         [('path', lambda p: p.result.path()),
+          ('peak mem plain (MB)', lambda p: f(p.reference.peak_mem_mb, '.0f')),
+          ('with_cp (MB)', lambda p: f(p.result.peak_mem_mb, '.0f')),
+          ('memory ratio', lambda p: f(p.mem_ratio)),
+          ('time ratio', lambda p: f(p.time_ratio))]),
     ]
     for key, title, columns in sections:
         if pairs[key]:
