@@ -1,9 +1,8 @@
 """Family-agnostic building blocks: the attention kernel, convolutions with CPU training
 kernels, layout helpers, drop path."""
 from .attention import (AttentionCall, KeptAttention, attention, attention_input,
-                        record_attention_calls,
-                        set_attention_replay, set_fused_attn, use_attention_replay,
-                        use_fused_attn, window_attention)
+                        record_attention_calls, set_attention_replay, set_fused_attn,
+                        use_attention_replay, use_fused_attn, window_attention)
 from .conv import (DepthwiseConv2d, PointwiseConv2d, act_then_conv, set_act_recompute,
                    set_cpu_kernels, use_act_recompute, use_cpu_kernels)
 from .drop import drop_path
