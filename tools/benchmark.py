@@ -8,6 +8,8 @@
     python tools/benchmark.py mmhat.GroupMixFormer:tiny --peers none --modes infer --compile both
     python tools/benchmark.py mmhat.HATNet:tiny --peers none --attn both --layout both \\
         --modes infer --infer-sizes 800x1216          # + ours vs the unfused NCHW reference
+    python tools/benchmark.py configs/det/maskrcnn_hatnet_t_coco.py --peers swin-t \
+        --modes train --train-sizes 800x1216 --interleave models   # models take turns
     python tools/benchmark.py --quick                            # CI smoke run (~20 s)
     python tools/benchmark.py mmhat.HATNet:tiny --peers swin-t r50 --profile \
         --train-sizes 800x1216 --profile-batches 1 2 --out profile.md   # where a step goes

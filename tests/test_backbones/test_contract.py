@@ -246,12 +246,12 @@ def test_with_cp_recomputation_skips_the_attention_input_products(cls, monkeypat
     A = importlib.import_module('mmhat.models.layers.attention')  # the package's
     # ``attention`` attribute is the function
     from mmhat.models.layers import PointwiseConv2d
-    inputs, apply = [], A._AttentionInput.apply
+    inputs, own = [], A.conv_with_own_gradients
 
-    def recording(x, weight, bias, proj, skip):
+    def recording(proj, x, compute=None):
         inputs.append(proj)
-        return apply(x, weight, bias, proj, skip)
-    monkeypatch.setattr(A._AttentionInput, 'apply', recording)
+        return own(proj, x, compute)
+    monkeypatch.setattr(A, 'conv_with_own_gradients', recording)
 
     class BiasesAdded(TorchDispatchMode):
         def __init__(self):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mmhat import compat
-from .conv import PointwiseConv2d
+from .conv import PointwiseConv2d, conv_with_own_gradients
 from .layout import crop, pad_bottom_right, window_partition, window_reverse
 from .switches import env_switch
 
@@ -176,27 +176,11 @@ def attention_input(proj: PointwiseConv2d, x: torch.Tensor, fused: bool) -> torc
     kept = _KEPT[-1] if fused and _KEPT else None
     if kept is None or compat.is_autocast_enabled(x.device.type):
         return proj(x)
-    return _AttentionInput.apply(x, proj.weight, proj.bias, proj, kept.replaying)
-
-
-class _AttentionInput(torch.autograd.Function):
-    """:func:`attention_input`'s projection: keeps ``x``; ``skip``: no product."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                proj: PointwiseConv2d, skip: bool) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.proj = proj
-        if skip:
-            B, _, H, W = x.shape
-            return x.new_zeros(()).expand(B, proj.out_channels, H, W)  # (B, C_out, H, W)
-        return proj.training_forward(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (x,) = ctx.saved_tensors
-        return ctx.proj.gradients(grad, x, ctx.needs_input_grad[:3]) + (None, None)
+    if not kept.replaying:
+        return conv_with_own_gradients(proj, x, proj.training_forward)
+    B, _, H, W = x.shape
+    return conv_with_own_gradients(proj, x, lambda t: t.new_zeros(()).expand(
+        B, proj.out_channels, H, W))  # (B, C_out, H, W), zero strides
 
 
 def attention(q: torch.Tensor,

@@ -151,7 +151,7 @@ class DepthwiseConv2d(nn.Conv2d):
                 or not self.weight.requires_grad or not torch.is_grad_enabled()
                 or not _own_backward_applies(x)):
             return super().forward(x)
-        return _ConvWithOwnGradients.apply(x, self.weight, self.bias, self)
+        return conv_with_own_gradients(self, x)
 
     def gradients(self, grad: torch.Tensor, x: torch.Tensor,
                   needs: Tuple[bool, bool, bool]) -> Gradients:
@@ -208,21 +208,34 @@ def _conv_gradients(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor,
     return grad_x, grad_w, grad_b
 
 
+def conv_with_own_gradients(conv: nn.Conv2d, x: torch.Tensor,
+                            compute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                            ) -> torch.Tensor:
+    """``conv(x)`` that keeps only ``x`` and whose backward is ``conv.gradients``; the
+    forward's output is ``compute(x)`` where given (``F.conv2d`` otherwise): the same values
+    another way, or a placeholder where nothing will read them
+    (:func:`~mmhat.models.layers.attention_input`)."""
+    return _ConvWithOwnGradients.apply(x, conv.weight, conv.bias, conv, compute)
+
+
 class _ConvWithOwnGradients(torch.autograd.Function):
-    """``conv(x)`` whose backward is ``conv.gradients``."""
+    """:func:`conv_with_own_gradients` (weight and bias are arguments so that autograd
+    asks for their gradients)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                conv: nn.Conv2d) -> torch.Tensor:
+                conv: nn.Conv2d, compute: Optional[Callable]) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.conv = conv
+        if compute is not None:
+            return compute(x)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
-        return ctx.conv.gradients(grad, x, ctx.needs_input_grad[:3]) + (None,)
+        return ctx.conv.gradients(grad, x, ctx.needs_input_grad[:3]) + (None, None)
 
 
 def act_then_conv(act: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
