@@ -224,7 +224,7 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     assert 'alternating the configurations step by step (`--interleave`)' in \
         tool.to_markdown(report, results, s, {})
     report['settings']['interleave'] = 'models'
-    assert 'taking turns step by step (`--interleave models`)' in \
+    assert 'with_cp on and off taking turns step by step (`--interleave models`)' in \
         tool.to_markdown(report, results, s, {})
     # with_cp against plain, per batch
     cp = [result(hat, mode='train', attn='fused', layout='channels_last', kernels='mmhat',
@@ -411,6 +411,8 @@ def test_measure_interleaved_across_models(monkeypatch):
                   kernels=k, runs=3, warmup=1, flops=True) for k in ('mmhat', 'plain')]
     rows.append(B.Row(model=r50, size=(64, 64), mode='train', runs=3, warmup=1, flops=True))
     seen, time_once = [], B.time_once
+    with_cp = B.Row(model=hat, size=(64, 64), mode='train', attn='fused',
+                    layout='channels_last', kernels='mmhat', with_cp=True, runs=3, warmup=1)
 
     def recording(fn, device):
         seen.append((fn, L.use_cpu_kernels()))
@@ -434,7 +436,16 @@ def test_measure_interleaved_across_models(monkeypatch):
     assert results[0].params_m == results[1].params_m != results[2].params_m
     assert results[0].gflops == results[1].gflops != results[2].gflops
     assert all(positive(r.gflops) for r in results)
-    with pytest.raises(ValueError, match='differ in their model / attn / layout / kernels'):
+    # with_cp on and off take turns too; with_cp is set when a model is built: its own model
+    built.clear()
+    seen.clear()
+    cp_results = B.measure_interleaved([rows[0], with_cp], across='models')
+    assert built == [hat.key, hat.key]
+    assert len(set(fn for fn, _ in seen)) == 2 and len(seen) == 6
+    assert [r.with_cp for r in cp_results] == [False, True]
+    with pytest.raises(ValueError, match='differ in their kernels only'):
+        B.measure_interleaved([rows[0], with_cp])
+    with pytest.raises(ValueError, match='differ in their model / attn / layout / kernels / with_cp'):
         B.measure_interleaved([rows[0], B.dataclasses.replace(rows[2], batch=2)],
                               across='models')
     with pytest.raises(ValueError, match='differ from each other'):
@@ -444,9 +455,9 @@ def test_measure_interleaved_across_models(monkeypatch):
 
 
 def test_measure_rows_interleaves_models(monkeypatch):
-    """With interleave='models' the rows of one size, mode, batch and with_cp go to one
-    worker whatever their model; other batches and with_cp form their own groups; memory
-    stays per row."""
+    """With interleave='models' the rows of one size, mode and batch go to one worker
+    whatever their model and with_cp; other batches form their own groups; memory stays per
+    row."""
     hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
     rows = [B.Row(model=m, size=(64, 64), mode='train', batch=b)
             for b in (1, 2) for m in (hat, r50)]
@@ -458,22 +469,24 @@ def test_measure_rows_interleaves_models(monkeypatch):
         return B.Result.of(row, latency_s=1.0, peak_mem_mb=5.0, mem_method='VmHWM')
 
     def spawn_interleaved(group, timeout):
-        calls.append(('interleaved', tuple((r.model.key, r.batch) for r in group)))
+        calls.append(('interleaved', tuple((r.model.key, r.batch, r.with_cp) for r in group)))
         return [B.Result.of(r, latency_s=0.5 + i, interleaved=True) for i, r in enumerate(group)]
     monkeypatch.setattr(B, 'spawn', spawn)
     monkeypatch.setattr(B, 'spawn_interleaved', spawn_interleaved)
     results = B.measure_rows(rows, interleave='models', log=lambda s: None)
-    assert calls == [('interleaved', ((hat.key, 1), (r50.key, 1))),
+    assert calls == [('interleaved', ((hat.key, 1, False), (r50.key, 1, False),
+                                      (hat.key, 1, True))),
                      (hat.key, 1, False, 'memory'), (r50.key, 1, False, 'memory'),
-                     ('interleaved', ((hat.key, 2), (r50.key, 2))),
+                     ('interleaved', ((hat.key, 2, False), (r50.key, 2, False))),
                      (hat.key, 2, False, 'memory'), (r50.key, 2, False, 'memory'),
-                     (hat.key, 1, True, 'time'), (hat.key, 1, True, 'memory')]
+                     (hat.key, 1, True, 'memory')]
     assert [(r.latency_s, r.interleaved) for r in results] == [
-        (0.5, True), (1.5, True), (0.5, True), (1.5, True), (1.0, False)]
+        (0.5, True), (1.5, True), (0.5, True), (1.5, True), (2.5, True)]
 
 
 def test_interleave_models_needs_two_models():
-    with pytest.raises(SystemExit, match='give two or more'):
-        load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'models'])
+    with pytest.raises(SystemExit, match='give two or more .*or --cp both'):
+        load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'models',
+                          '--cp', 'off'])
     with pytest.raises(SystemExit, match='or --interleave models'):
         load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'kernels'])

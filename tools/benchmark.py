@@ -54,8 +54,8 @@ REF_PREFERENCE = ('pvtv2-b2', 'r50', 'swin-t', 'pvtv2-b1')
 INTERLEAVED = {
     'kernels': '- rows that differ only in their kernels: timed in one process per model, input '
                'and with_cp, alternating the configurations step by step (`--interleave`)',
-    'models': '- rows of one input size, mode, batch and with_cp: timed in one process, the '
-              'models and their kernel configurations taking turns step by step '
+    'models': '- rows of one input size, mode and batch: timed in one process, the models, '
+              'their kernel configurations and with_cp on and off taking turns step by step '
               '(`--interleave models`); memory in a fresh process per row',
 }
 
@@ -278,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '~10%%, a peer by up to 25%% between runs): "kernels" (the default '
                         'when given without a value; with --kernels both/ablate) the kernel '
                         'configurations of a model; "models" every row of one input size, '
-                        'mode, batch and with_cp, so that the ratios between models are as '
-                        'steady as those between kernels; memory still in a fresh process per '
-                        'row')
+                        'mode and batch (models, kernels, with_cp on and off), so that the '
+                        'ratios between models and with_cp / plain are as steady as those '
+                        'between kernels; memory still in a fresh process per row')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -444,10 +444,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f'--ref {args.ref!r} is not among the measured models {keys}')
         ref = by_label[ref]
     ref_label = next((m.label for m in models if m.key == ref), None)
-    if args.interleave == 'models' and len(models) < 2 and args.kernels not in ('both',
-                                                                                'ablate'):
+    if args.interleave == 'models' and len(models) < 2 and args.kernels not in (
+            'both', 'ablate') and args.cp != 'both':
         raise SystemExit('--interleave models times several models together: give two or '
-                         'more (models or --peers)')
+                         'more (models or --peers), or --cp both to time one with and '
+                         'without with_cp')
 
     torch.set_num_threads(args.threads)
     machine = B.machine_info(args.device, args.threads)

@@ -654,7 +654,7 @@ def measure(row: Row, matmul_gflops_per_s: Optional[float] = None) -> Result:
 #: ``--interleave`` modes: what the rows that one process times together may differ in
 INTERLEAVE_ACROSS: Dict[str, Tuple[str, ...]] = {
     'kernels': ('kernels',),
-    'models': ('model', 'attn', 'layout', 'kernels'),
+    'models': ('model', 'attn', 'layout', 'kernels', 'with_cp'),
 }
 
 
@@ -673,8 +673,8 @@ def interleave_key(row: Row, across: str = 'kernels') -> str:
 def measure_interleaved(rows: Sequence[Row], across: str = 'kernels') -> List[Result]:
     """Time rows here that differ only in the fields of :data:`INTERLEAVE_ACROSS`
     ``[across]`` (``'kernels'``: one model's training kernels; ``'models'``: also the model,
-    its attention path and weight layout), alternating them step by step (run ``i`` starts
-    at row ``i``); rows of one model share it.
+    its attention path, weight layout and ``with_cp``), alternating them step by step (run
+    ``i`` starts at row ``i``); rows of one model and ``with_cp`` share it.
 
     Separate processes differ by up to ~10% for the same code (heap state, page placement),
     a peer's row by up to 25% between runs; within one process, alternating steps share the
@@ -691,9 +691,10 @@ def measure_interleaved(rows: Sequence[Row], across: str = 'kernels') -> List[Re
     built: Dict[str, Tuple[torch.nn.Module, torch.Tensor]] = {}
     steps, params_m, gflops = [], [], []
     for row in rows:
-        # the model and its weight layout; attention path and kernels are switched per step
-        key = json.dumps([dataclasses.asdict(row.model), row.layout], sort_keys=True,
-                         default=str)
+        # the model, its weight layout and with_cp (set when it is built); attention path and
+        # kernels are switched per step
+        key = json.dumps([dataclasses.asdict(row.model), row.layout, row.with_cp],
+                         sort_keys=True, default=str)
         if key not in built:
             with row_paths(row):
                 built[key] = prepare(row)
