@@ -172,8 +172,14 @@ def check_with_cp_recomputes(cls: type) -> None:
 def check_channels_last_equals_nchw(model: torch.nn.Module, x: torch.Tensor,
                                     **forward_kwargs) -> None:
     """Conv weights are stored channels-last (and stay so through ``load_state_dict``),
-    outputs come back as contiguous NCHW maps, and outputs and training gradients equal
-    those of the same model with NCHW weights up to float rounding."""
+    outputs come back as contiguous NCHW maps, and outputs (float32) and training gradients
+    (float64) equal those of the same model with NCHW weights up to float rounding.
+
+    The gradients are compared in float64: in float32 a value that the two layouts round to
+    either side of an activation's kink (HSwish at +-3) takes the other derivative, which no
+    tolerance of float rounding covers (GroupMixFormer: 44x the float32 tolerance on one
+    seed of 60, where the others stayed within 0.8x; the test then failed on the random
+    state the tests before it left)."""
     def conv_weights(m):
         return [c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
 
@@ -188,12 +194,14 @@ def check_channels_last_equals_nchw(model: torch.nn.Module, x: torch.Tensor,
     assert all(o.is_contiguous() for o in outs[0])
     for u, v in zip(*outs):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+    model, nchw, x = model.double(), nchw.double(), x.double()
+    assert all(w.stride(1) == 1 for w in conv_weights(model))  # still channels-last
     for m in (model, nchw):
         sum(o.square().mean() for o in m.train()(x, **forward_kwargs)).backward()
     for (n, p), q in zip(model.named_parameters(), nchw.parameters()):
         # rounding of the two layouts' kernels, relative to each gradient's scale
-        atol = 1e-5 * (1 + q.grad.abs().max().item())
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=atol, msg=n)
+        atol = 1e-9 * (1 + q.grad.abs().max().item())
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=atol, msg=n)
 
 
 def check_fused_equals_explicit(model: torch.nn.Module, x: torch.Tensor) -> None:
