@@ -180,3 +180,77 @@ def test_attention_module_alone():
     """The attention on its own: tokens in, tokens out, any map size."""
     attn = GroupMixAttention(40, 8, norm_cfg=dict(type='BN'), act_cfg=dict(type='HSwish')).eval()
     assert attn(torch.randn(2, 5 * 7, 40), (5, 7)).shape == (2, 35, 40)
+
+
+# ----------------------------------------------------------------------------- with_cp
+def _backward_gemm_widths(model, x, valid_sizes=None):
+    """The parameter gradients of one step, and the output widths of every ``addmm`` (a
+    forward linear layer with bias: under with_cp, the recomputation's) of its backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Widths(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widths = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.addmm.default:
+                self.widths.append(out.shape[-1])
+            return out
+
+    model.zero_grad(set_to_none=True)
+    loss = sum((o * o).sum() for o in model(x, valid_sizes=valid_sizes))
+    mode = Widths()
+    with mode:
+        loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, mode.widths
+
+
+@pytest.mark.parametrize('valid_sizes', [None, [(70, 61)]])
+def test_with_cp_keeps_the_wide_blocks_products(valid_sizes):
+    """Under with_cp, blocks of at least KEEP_PRODUCTS_MIN_DIMS channels (mini: stages 3-4,
+    160) keep their qkv and fc1 products from the forward: the recomputation multiplies
+    neither again (no backward GEMM of their widths, 3 x 32 and 4 x 160), the narrower
+    blocks still do, and the gradients equal the plain step's in float64 at an awkward
+    size, with and without padding."""
+    from mmhat.models.backbones import groupmixformer as G
+    torch.manual_seed(0)
+    model = build(drop_path_rate=0.).double().train()
+    keeping = [m for m in model.modules() if getattr(m, 'keep_products', False)]
+    assert len(keeping) == 2 * (12 + 4)  # attention and FFN of the 160-channel blocks
+    assert all(b.attn.keep_products == (b.attn.qkv.in_features >= G.KEEP_PRODUCTS_MIN_DIMS)
+               for s in model.stages for b in s.blocks)
+    x = torch.randn(1, 3, 75, 69, dtype=torch.float64)
+    plain, _ = _backward_gemm_widths(model, x, valid_sizes)
+    model.with_cp = True
+    kept, widths = _backward_gemm_widths(model, x, valid_sizes)
+    assert 3 * 32 not in widths and 4 * 160 not in widths
+    assert 3 * 16 in widths and 4 * 80 in widths  # stage 2 is recomputed
+    for m in keeping:
+        m.keep_products = False
+    _, recomputed = _backward_gemm_widths(model, x, valid_sizes)
+    assert 3 * 32 in recomputed and 4 * 160 in recomputed
+    floor = 1e-9 * max(g.abs().max().item() for g in plain.values())
+    for n, g in plain.items():
+        torch.testing.assert_close(kept[n], g, rtol=1e-9, atol=floor, msg=n)
+
+
+def test_kept_products_are_plain_linear_outside_a_checkpoint_and_not_under_inplace_acts():
+    from mmhat.models.backbones.groupmixformer import Mlp
+    from mmhat.models.layers import KeptAttention, kept_linear
+    x, w, b = torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64), \
+        torch.randn(3, dtype=torch.float64)
+    assert torch.equal(kept_linear(x, w, b), F.linear(x, w, b))
+    kept = KeptAttention()
+    with kept.forward():
+        out = kept_linear(x, w, b)
+    assert len(kept.outputs) == 1 and torch.equal(kept.outputs[0], out)
+    with kept.recomputation():
+        again = kept_linear(torch.zeros_like(x), w, b)  # the product is not computed again
+        assert torch.equal(again, out)
+        with pytest.raises(RuntimeError, match='more kept outputs'):
+            kept_linear(x, w, b)
+    assert Mlp(160, 640, dict(type='GELU')).keep_products
+    assert not Mlp(160, 640, dict(type='ReLU', inplace=True)).keep_products
+    assert not Mlp(80, 320, dict(type='GELU')).keep_products

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmhat.registry import MODELS
-from ..layers import drop_path, nchw_to_nlc, nlc_to_nchw
+from ..layers import drop_path, kept_linear, nchw_to_nlc, nlc_to_nchw
 from .base import Publication, PyramidBackbone, PyramidStage
 
 #: Kernel sizes of the group proxies: segment ``1 + i`` of q/k/v is aggregated by a
@@ -52,6 +52,13 @@ CRPE_WINDOWS = ((3, 2), (5, 3), (7, 3))
 #: FFN runs on ``FFN_CHUNK_ELEMENTS // hidden_dims`` tokens at a time, which measured faster
 #: on CPU than all tokens at once (docs/benchmarks.md).
 FFN_CHUNK_ELEMENTS = 2**18
+#: Under ``with_cp``, blocks at least this wide keep their ``qkv`` and ``fc1`` products
+#: from the forward for the recomputation (:func:`~mmhat.models.layers.kept_linear`): a kept
+#: element saves ``embed_dims`` multiply-adds of the recomputation. For the mini variant at
+#: 800x1216 that is stages 3-4 (160 channels, 16 of 22 blocks): about 70% of the recomputed
+#: GEMMs for 220 MB (docs/benchmarks.md, "GroupMixFormer-M's with_cp"); the wide,
+#: low-channel maps of stages 1-2 would cost more memory per multiply-add saved.
+KEEP_PRODUCTS_MIN_DIMS = 128
 
 
 # ---------------------------------------------------------------------------------------
@@ -494,6 +501,8 @@ class GroupMixAttention(nn.Module):
         self.local_branch = LocalBranch(self.segment_dims, LOCAL_KERNEL_SIZE, act_cfg)
         self.crpe = ConvRelPosEnc(self.head_dims, CRPE_WINDOWS)
         self.proj = nn.Linear(embed_dims, embed_dims)
+        #: ``with_cp`` keeps the ``qkv`` products (see :data:`KEEP_PRODUCTS_MIN_DIMS`)
+        self.keep_products = embed_dims >= KEEP_PRODUCTS_MIN_DIMS
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -511,10 +520,11 @@ class GroupMixAttention(nn.Module):
         weights = self.qkv.weight.view(3, S, s, D).unbind(1)  # S x (3, s, D)
         biases = self.qkv.bias.view(3, S, s).unbind(1)  # S x (3, s)
         token_mask = None if valid is None else ~valid.view(B, N, 1)  # (B, N, 1)
+        linear = kept_linear if self.keep_products else F.linear
 
         def project(segment: int) -> torch.Tensor:  # (B, N, 3s), channels [q | k | v]
             # (3, s, D) -> (3s, D) weight rows and (3, s) -> (3s,) bias: [q | k | v] of the segment
-            qkv = F.linear(x, weights[segment].reshape(3 * s, D), biases[segment].flatten())
+            qkv = linear(x, weights[segment].reshape(3 * s, D), biases[segment].flatten())
             # The aggregator's convs must see zeros outside.
             return qkv if token_mask is None else qkv.masked_fill(token_mask, 0.)
 
@@ -540,9 +550,15 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(embed_dims, hidden_dims)
         self.act = build_activation_layer(act_cfg)
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
+        #: ``with_cp`` keeps the ``fc1`` products (see :data:`KEEP_PRODUCTS_MIN_DIMS`; not
+        #: under an in-place activation, which would overwrite them)
+        self.keep_products = (embed_dims >= KEEP_PRODUCTS_MIN_DIMS
+                              and not getattr(self.act, 'inplace', False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` -> ``(B, N, D)``."""
+        if self.keep_products:
+            return self.fc2(self.act(kept_linear(x, self.fc1.weight, self.fc1.bias)))
         return self.fc2(self.act(self.fc1(x)))
 
 

@@ -1,7 +1,7 @@
 """Family-agnostic building blocks: the attention kernel, convolutions with CPU training
 kernels, layout helpers, drop path."""
 from .attention import (AttentionCall, KeptAttention, attention, attention_input,
-                        record_attention_calls, set_attention_replay, set_fused_attn,
+                        kept_linear, record_attention_calls, set_attention_replay, set_fused_attn,
                         use_attention_replay, use_fused_attn, window_attention)
 from .conv import (DepthwiseConv2d, PointwiseConv2d, act_then_conv, set_act_recompute,
                    set_cpu_kernels, use_act_recompute, use_cpu_kernels)
@@ -11,7 +11,8 @@ from .layout import (ceil_pool2d, crop, head_dims, merge_heads, merge_heads_nchw
                      window_partition, window_reverse)
 
 __all__ = [
-    'AttentionCall', 'KeptAttention', 'attention', 'attention_input', 'record_attention_calls',
+    'AttentionCall', 'KeptAttention', 'attention', 'attention_input', 'kept_linear',
+    'record_attention_calls',
     'set_attention_replay', 'set_fused_attn', 'use_attention_replay', 'use_fused_attn',
     'window_attention', 'DepthwiseConv2d', 'PointwiseConv2d', 'act_then_conv',
     'set_act_recompute', 'set_cpu_kernels', 'use_act_recompute', 'use_cpu_kernels',

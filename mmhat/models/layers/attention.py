@@ -139,8 +139,9 @@ class KeptAttention:
 
     def replay(self) -> torch.Tensor:
         if self.next >= len(self.outputs):
-            raise RuntimeError('the recomputation of a checkpointed block called the fused '
-                               'attention more often than its forward did')
+            raise RuntimeError('the recomputation of a checkpointed block asked for more '
+                               'kept outputs (fused attention, kept_linear) than its forward '
+                               'kept')
         out = self.outputs[self.next]
         self.next += 1
         # a leaf that requires a gradient like the forward's output did, so that the ops after
@@ -181,6 +182,67 @@ def attention_input(proj: PointwiseConv2d, x: torch.Tensor, fused: bool) -> torc
     B, _, H, W = x.shape
     return conv_with_own_gradients(proj, x, lambda t: t.new_zeros(()).expand(
         B, proj.out_channels, H, W))  # (B, C_out, H, W), zero strides
+
+
+def kept_linear(x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` whose product an activation-checkpointed forward keeps
+    (in its :class:`KeptAttention`) and its recomputation hands back instead of multiplying
+    again.
+
+    A linear layer's backward needs only its input, so its output can be kept like the
+    fused attention's: the layer keeps ``x`` for its backward (restored by the
+    recomputation, as every saved tensor), the product is remembered outside the
+    checkpoint, and the recomputation, which must still reach ``x`` and whatever reads the
+    product, gets the product without the GEMM. It costs the product's memory for the
+    checkpointed block's lifetime, so a family calls it where a kept element saves enough
+    multiply-adds (its input width; GroupMixFormer: :data:`~mmhat.models.backbones.
+    groupmixformer.KEEP_PRODUCTS_MIN_DIMS`). Elsewhere (no checkpoint, replay off, autocast)
+    it is ``F.linear``; the gradients are ``F.linear``'s.
+
+    Args:
+        x: ``(..., in_features)``.
+        weight: ``(out_features, in_features)``.
+        bias: ``(out_features, )`` or None.
+
+    Returns:
+        ``(..., out_features)``.
+    """
+    kept = _KEPT[-1] if _KEPT else None
+    if kept is None or compat.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight, bias)
+    return _KeptLinear.apply(x, weight, bias, kept)
+
+
+class _KeptLinear(torch.autograd.Function):
+    """:func:`kept_linear` inside a checkpointed forward or its recomputation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                kept: 'KeptAttention') -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if kept.replaying:
+            # a new tensor object over the kept storage: autograd makes it this node's output
+            return kept.replay().detach()
+        out = F.linear(x, weight, bias)
+        kept.outputs.append(out.detach())
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight  # (..., in_features)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            grad_2d = grad.reshape(-1, grad.shape[-1])  # (tokens, out_features)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad_2d.sum(0)  # (out_features, )
+        return grad_x, grad_w, grad_b, None
 
 
 def attention(q: torch.Tensor,
