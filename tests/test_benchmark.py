@@ -178,9 +178,9 @@ def test_reference_rows_are_planned_for_mmhat_models_and_reported():
 
 
 def test_kernel_rows_and_batches_are_planned_paired_and_reported():
-    """--kernels both --batch-size 1 2: families with training kernels (conv kernels or fused
-    attention, whose with_cp replays it) get a plain twin per batch (GroupMixFormer and peers
-    do not), each paired with its twin of the same batch; the report has the kernels/plain
+    """--kernels both --batch-size 1 2: families with training kernels (conv kernels, fused
+    attention or kept products, which with_cp replays) get a plain twin per batch (peers do
+    not), each paired with its twin of the same batch; the report has the kernels/plain
     table and a batch column."""
     tool = load_tool()
     args = tool.build_parser().parse_args(
@@ -191,8 +191,10 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     rows = tool.plan_rows([hat, gmf, r50], args)
     assert [(r.batch, r.kernels) for r in rows if r.model is hat] == [
         (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
-    assert [(r.batch, r.kernels) for r in rows if r.model is gmf] == [(1, None), (2, None)]
+    assert [(r.batch, r.kernels) for r in rows if r.model is gmf] == [
+        (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
     assert B.resolve_model('mmhat.ShuntedTransformer').kernel_features == ('attn-replay',)
+    assert gmf.kernel_features == ('attn-replay',)
     assert hat.kernel_features == ('conv', 'act-recompute', 'attn-replay')
     assert [(r.batch, r.kernels) for r in rows if r.model is r50] == [(1, None), (2, None)]
     results = [result(hat, mode='train', attn='fused', layout='channels_last', kernels=k,

@@ -539,14 +539,15 @@ def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], b
 #: mmhat's training kernels, each with its process-wide switch in ``mmhat.models.layers``:
 #: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d``); ``act-recompute``:
 #: ``act_then_conv`` (off: autograd keeps the activation); ``attn-replay``: ``with_cp``
-#: replays the fused attention (off: the whole block is recomputed)
+#: replays the fused attention and the kept linear products (off: the whole block is
+#: recomputed)
 KERNEL_FEATURES = ('conv', 'act-recompute', 'attn-replay')
 
 
 def family_kernel_features(cls) -> Tuple[str, ...]:
     """The training kernels a backbone class uses, from its declared facts."""
     return (('conv', 'act-recompute') if cls.cpu_conv_kernels else ()) + (
-        ('attn-replay',) if cls.fused_attention else ())
+        ('attn-replay',) if cls.fused_attention or cls.cp_keeps_products else ())
 
 
 @contextlib.contextmanager

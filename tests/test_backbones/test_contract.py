@@ -161,6 +161,18 @@ def test_channels_last_is_a_keyword(cls):
 
 
 @pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
+def test_cp_keeps_products_fact(cls):
+    """``cp_keeps_products`` says whether some module of the family keeps linear products
+    under ``with_cp`` (the benchmark's ``--kernels both`` then times it with and without)."""
+    model = contract.build(cls)
+    keeping = any(getattr(m, 'keep_products', False) for m in model.modules())
+    assert keeping == cls.cp_keeps_products
+    from mmhat.utils.benchmark import family_kernel_features
+    assert ('attn-replay' in family_kernel_features(cls)) == (
+        cls.fused_attention or cls.cp_keeps_products)
+
+
+@pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
 def test_cpu_conv_kernels_fact_and_equality(cls):
     """``cpu_conv_kernels`` says whether the family builds the CPU training kernels (the
     benchmark's ``--kernels both`` reads it), and the kernels train like ``nn.Conv2d``."""

@@ -209,8 +209,8 @@ def _backward_gemm_widths(model, x, valid_sizes=None):
 
 @pytest.mark.parametrize('valid_sizes', [None, [(70, 61)]])
 def test_with_cp_keeps_the_wide_blocks_products(valid_sizes):
-    """Under with_cp, blocks of at least KEEP_PRODUCTS_MIN_DIMS channels (mini: stages 3-4,
-    160) keep their qkv and fc1 products from the forward: the recomputation multiplies
+    """Under with_cp, the blocks of stages 3-4 (KEEP_PRODUCTS_FROM_STAGE; mini: 160
+    channels) keep their qkv and fc1 products from the forward: the recomputation multiplies
     neither again (no backward GEMM of their widths, 3 x 32 and 4 x 160), the narrower
     blocks still do, and the gradients equal the plain step's in float64 at an awkward
     size, with and without padding."""
@@ -218,9 +218,10 @@ def test_with_cp_keeps_the_wide_blocks_products(valid_sizes):
     torch.manual_seed(0)
     model = build(drop_path_rate=0.).double().train()
     keeping = [m for m in model.modules() if getattr(m, 'keep_products', False)]
-    assert len(keeping) == 2 * (12 + 4)  # attention and FFN of the 160-channel blocks
-    assert all(b.attn.keep_products == (b.attn.qkv.in_features >= G.KEEP_PRODUCTS_MIN_DIMS)
-               for s in model.stages for b in s.blocks)
+    assert len(keeping) == 2 * (12 + 4)  # attention and FFN of the stage-3 and -4 blocks
+    assert all(b.attn.keep_products == b.ffn.keep_products == (i >= G.KEEP_PRODUCTS_FROM_STAGE)
+               for i, s in enumerate(model.stages) for b in s.blocks)
+    assert GroupMixFormer.cp_keeps_products
     x = torch.randn(1, 3, 75, 69, dtype=torch.float64)
     plain, _ = _backward_gemm_widths(model, x, valid_sizes)
     model.with_cp = True
@@ -251,6 +252,6 @@ def test_kept_products_are_plain_linear_outside_a_checkpoint_and_not_under_inpla
         assert torch.equal(again, out)
         with pytest.raises(RuntimeError, match='more kept outputs'):
             kept_linear(x, w, b)
-    assert Mlp(160, 640, dict(type='GELU')).keep_products
-    assert not Mlp(160, 640, dict(type='ReLU', inplace=True)).keep_products
-    assert not Mlp(80, 320, dict(type='GELU')).keep_products
+    assert Mlp(160, 640, dict(type='GELU'), keep_products=True).keep_products
+    assert not Mlp(160, 640, dict(type='ReLU', inplace=True), keep_products=True).keep_products
+    assert not Mlp(160, 640, dict(type='GELU')).keep_products

@@ -18,8 +18,9 @@ A family (one file in this folder) supplies its parts and declares its facts:
   :meth:`PyramidBackbone.convert_checkpoint`;
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
-  ``fused_attention``, ``cpu_conv_kernels``, ``default_norm_cfg``, ``default_act_cfg``,
-  ``reference_name``, ``position_encoding_keys``, ``internal_padding``, and ``publication``
+  ``fused_attention``, ``cpu_conv_kernels``, ``cp_keeps_products``, ``default_norm_cfg``,
+  ``default_act_cfg``, ``reference_name``, ``position_encoding_keys``, ``internal_padding``,
+  and ``publication``
   (a :class:`Publication`: the paper, the authors' code and where they publish checkpoints,
   read by the model index).
 
@@ -196,6 +197,10 @@ class PyramidBackbone(BaseModule):
     #: whether the family builds ``layers.PointwiseConv2d`` / ``DepthwiseConv2d`` (CPU training
     #: kernels that ``layers.set_cpu_kernels(False)`` turns back into plain ``nn.Conv2d``)
     cpu_conv_kernels: bool = False
+    #: whether ``with_cp`` keeps some linear products of the forward for the recomputation
+    #: (``layers.kept_linear``; ``layers.set_attention_replay(False)`` turns it off with the
+    #: attention replay)
+    cp_keeps_products: bool = False
     #: whether some stage pads its maps at sizes that are not multiples of its windows or
     #: merge strides (tracing freezes whether each pad happens: ONNX dynamic sizes)
     internal_padding: bool = False

@@ -52,13 +52,16 @@ CRPE_WINDOWS = ((3, 2), (5, 3), (7, 3))
 #: FFN runs on ``FFN_CHUNK_ELEMENTS // hidden_dims`` tokens at a time, which measured faster
 #: on CPU than all tokens at once (docs/benchmarks.md).
 FFN_CHUNK_ELEMENTS = 2**18
-#: Under ``with_cp``, blocks at least this wide keep their ``qkv`` and ``fc1`` products
-#: from the forward for the recomputation (:func:`~mmhat.models.layers.kept_linear`): a kept
-#: element saves ``embed_dims`` multiply-adds of the recomputation. For the mini variant at
-#: 800x1216 that is stages 3-4 (160 channels, 16 of 22 blocks): about 70% of the recomputed
-#: GEMMs for 220 MB (docs/benchmarks.md, "GroupMixFormer-M's with_cp"); the wide,
-#: low-channel maps of stages 1-2 would cost more memory per multiply-add saved.
-KEEP_PRODUCTS_MIN_DIMS = 128
+#: Under ``with_cp``, the blocks of stage index ``KEEP_PRODUCTS_FROM_STAGE`` on (strides 16
+#: and 32) keep their ``qkv`` and ``fc1`` products from the forward for the recomputation
+#: (:func:`~mmhat.models.layers.kept_linear`). There a kept element saves ``embed_dims``
+#: multiply-adds (the widest blocks), the maps are small, and every variant has most of its
+#: blocks (mini: 16 of 22, about 70% of the recomputed GEMMs for 220 MB at 800x1216); and
+#: their backward runs first, so the kept products are freed before the recomputation of
+#: the stride-4 and -8 stages, where ``with_cp``'s peak is (docs/benchmarks.md,
+#: "GroupMixFormer-M's with_cp"). Kept there, the wide maps of the early stages would
+#: raise that peak (base, stage 1: about 2 GB at 800x1216).
+KEEP_PRODUCTS_FROM_STAGE = 2
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,7 +472,8 @@ class GroupMixAttention(nn.Module):
     the same).
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, norm_cfg: dict, act_cfg: dict) -> None:
+    def __init__(self, embed_dims: int, num_heads: int, norm_cfg: dict, act_cfg: dict,
+                 keep_products: bool = False) -> None:
         super().__init__()
         num_segments = NUM_SEGMENTS
         if embed_dims % num_segments:
@@ -501,8 +505,8 @@ class GroupMixAttention(nn.Module):
         self.local_branch = LocalBranch(self.segment_dims, LOCAL_KERNEL_SIZE, act_cfg)
         self.crpe = ConvRelPosEnc(self.head_dims, CRPE_WINDOWS)
         self.proj = nn.Linear(embed_dims, embed_dims)
-        #: ``with_cp`` keeps the ``qkv`` products (see :data:`KEEP_PRODUCTS_MIN_DIMS`)
-        self.keep_products = embed_dims >= KEEP_PRODUCTS_MIN_DIMS
+        #: ``with_cp`` keeps the ``qkv`` products (see :data:`KEEP_PRODUCTS_FROM_STAGE`)
+        self.keep_products = keep_products
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -545,15 +549,15 @@ class GroupMixAttention(nn.Module):
 class Mlp(nn.Module):
     """Token MLP: ``fc2(act(fc1(x)))``, ``D -> hidden -> D``."""
 
-    def __init__(self, embed_dims: int, hidden_dims: int, act_cfg: dict) -> None:
+    def __init__(self, embed_dims: int, hidden_dims: int, act_cfg: dict,
+                 keep_products: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(embed_dims, hidden_dims)
         self.act = build_activation_layer(act_cfg)
         self.fc2 = nn.Linear(hidden_dims, embed_dims)
-        #: ``with_cp`` keeps the ``fc1`` products (see :data:`KEEP_PRODUCTS_MIN_DIMS`; not
+        #: ``with_cp`` keeps the ``fc1`` products (see :data:`KEEP_PRODUCTS_FROM_STAGE`; not
         #: under an in-place activation, which would overwrite them)
-        self.keep_products = (embed_dims >= KEEP_PRODUCTS_MIN_DIMS
-                              and not getattr(self.act, 'inplace', False))
+        self.keep_products = keep_products and not getattr(self.act, 'inplace', False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` -> ``(B, N, D)``."""
@@ -576,17 +580,19 @@ class GroupMixBlock(nn.Module):
         drop_path: stochastic depth rate of both residual branches.
         norm_cfg / act_cfg: norm and activation of the attention's convolutions.
         ffn_act_cfg: activation of the MLP.
+        keep_products: ``with_cp`` keeps the ``qkv`` and ``fc1`` products (see
+            :data:`KEEP_PRODUCTS_FROM_STAGE`).
     """
 
     def __init__(self, embed_dims: int, num_heads: int, mlp_ratio: float,
                  drop_path_rate: float, norm_cfg: dict, act_cfg: dict,
-                 ffn_act_cfg: dict) -> None:
+                 ffn_act_cfg: dict, keep_products: bool = False) -> None:
         super().__init__()
         self.cpe = nn.Conv2d(embed_dims, embed_dims, 3, padding=1, groups=embed_dims)
         self.norm1 = nn.LayerNorm(embed_dims, eps=1e-6)
-        self.attn = GroupMixAttention(embed_dims, num_heads, norm_cfg, act_cfg)
+        self.attn = GroupMixAttention(embed_dims, num_heads, norm_cfg, act_cfg, keep_products)
         self.norm2 = nn.LayerNorm(embed_dims, eps=1e-6)
-        self.ffn = Mlp(embed_dims, int(embed_dims * mlp_ratio), ffn_act_cfg)
+        self.ffn = Mlp(embed_dims, int(embed_dims * mlp_ratio), ffn_act_cfg, keep_products)
         self.drop_path = drop_path(drop_path_rate)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
@@ -700,6 +706,7 @@ class GroupMixFormer(PyramidBackbone):
     }
 
     smallest_arch, base_size_arch = 'mini', 'base'
+    cp_keeps_products = True  # qkv and fc1 of stages 3-4 (KEEP_PRODUCTS_FROM_STAGE)
     default_act_cfg = dict(type='HSwish')
     reference_name = 'groupmixformer'
     position_encoding_keys = ('.cpe.', '.crpe.')  # the convolutional (relative) position encodings
@@ -720,7 +727,8 @@ class GroupMixFormer(PyramidBackbone):
                                           self.norm_cfg, self.act_cfg)
         blocks = [
             GroupMixBlock(dims[i], s['num_heads'][i], s['mlp_ratios'][i], rate, self.norm_cfg,
-                          self.act_cfg, self.ffn_act_cfg) for rate in drop_path_rates
+                          self.act_cfg, self.ffn_act_cfg, i >= KEEP_PRODUCTS_FROM_STAGE)
+            for rate in drop_path_rates
         ]
         return GroupMixStage(patch_embed, blocks, stride=4 * 2**i, entry_stride=entry_stride)
 

@@ -44,9 +44,9 @@ def use_fused_attn(fused: Optional[bool] = None) -> bool:
 
 
 def set_attention_replay(enable: bool) -> None:
-    """Whether ``with_cp`` keeps the fused attention of a block and replays it in the
-    recomputation (:class:`KeptAttention`; default True, ``MMHAT_CP_REPLAY_ATTN=0``: off,
-    the whole block is recomputed)."""
+    """Whether ``with_cp`` keeps the fused attention of a block (and the products of
+    :func:`kept_linear`) and replays them in the recomputation (:class:`KeptAttention`;
+    default True, ``MMHAT_CP_REPLAY_ATTN=0``: off, the whole block is recomputed)."""
     global _REPLAY_DEFAULT
     _REPLAY_DEFAULT = bool(enable)
 
@@ -195,10 +195,10 @@ def kept_linear(x: torch.Tensor, weight: torch.Tensor,
     recomputation, as every saved tensor), the product is remembered outside the
     checkpoint, and the recomputation, which must still reach ``x`` and whatever reads the
     product, gets the product without the GEMM. It costs the product's memory for the
-    checkpointed block's lifetime, so a family calls it where a kept element saves enough
-    multiply-adds (its input width; GroupMixFormer: :data:`~mmhat.models.backbones.
-    groupmixformer.KEEP_PRODUCTS_MIN_DIMS`). Elsewhere (no checkpoint, replay off, autocast)
-    it is ``F.linear``; the gradients are ``F.linear``'s.
+    checkpointed block's lifetime, so a family calls it where a kept element saves many
+    multiply-adds (its input width) and the maps are small (GroupMixFormer:
+    :data:`~mmhat.models.backbones.groupmixformer.KEEP_PRODUCTS_FROM_STAGE`). Elsewhere (no
+    checkpoint, replay off, autocast) it is ``F.linear``; the gradients are ``F.linear``'s.
 
     Args:
         x: ``(..., in_features)``.
