@@ -208,7 +208,7 @@ def _backward_gemm_widths(model, x, valid_sizes=None):
 
 
 @pytest.mark.parametrize('valid_sizes', [None, [(70, 61)]])
-def test_with_cp_keeps_the_wide_blocks_products(valid_sizes):
+def test_with_cp_keeps_the_last_stages_products(valid_sizes):
     """Under with_cp, the blocks of stages 3-4 (KEEP_PRODUCTS_FROM_STAGE; mini: 160
     channels) keep their qkv and fc1 products from the forward: the recomputation multiplies
     neither again (no backward GEMM of their widths, 3 x 32 and 4 x 160), the narrower

@@ -111,7 +111,8 @@ class KeptAttention:
     recomputation produces are the forward's exactly. The explicit path keeps nothing: its
     (N_q, N_k) matrix is what checkpointing exists to free. Nor are the projections that
     only feed a replayed kernel multiplied again (:func:`attention_input`): in a HAT-Net
-    block the q/k/v products are four of the five attention GEMMs.
+    block the q/k/v products are four of the five attention GEMMs. The products of
+    :func:`kept_linear` are kept and handed back the same way, in the same call order.
     """
 
     def __init__(self) -> None:
