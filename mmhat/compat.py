@@ -162,6 +162,19 @@ def load_restricted(f, map_location: Any = 'cpu', allowed: Iterable[Any] = ()) -
 
 
 # ---------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------
+def is_compiling() -> bool:
+    """Whether dynamo is tracing the code that calls this (``torch.compiler.is_compiling``,
+    torch >= 2.3; ``torch._dynamo.is_compiling`` before)."""
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling'):
+        return compiler.is_compiling()
+    from torch import _dynamo  # torch 2.1-2.2
+    return _dynamo.is_compiling()
+
+
+# ---------------------------------------------------------------------------------------
 # Autocast
 # ---------------------------------------------------------------------------------------
 def is_autocast_enabled(device_type: str) -> bool:

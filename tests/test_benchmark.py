@@ -195,7 +195,7 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
         (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
     assert B.resolve_model('mmhat.ShuntedTransformer').kernel_features == ('attn-replay',)
     assert gmf.kernel_features == ('attn-replay',)
-    assert hat.kernel_features == ('conv', 'act-recompute', 'attn-replay')
+    assert hat.kernel_features == ('conv', 'act-recompute', 'window-copies', 'attn-replay')
     assert [(r.batch, r.kernels) for r in rows if r.model is r50] == [(1, None), (2, None)]
     results = [result(hat, mode='train', attn='fused', layout='channels_last', kernels=k,
                       batch=b, latency_s=t, peak_mem_mb=m)
@@ -250,7 +250,8 @@ def test_kernel_ablation_rows_switch_one_feature_off_each():
     assert [(r.with_cp, r.kernels) for r in rows if r.model is hat] == [
         (False, 'mmhat'), (True, 'mmhat'), (False, 'plain'), (True, 'plain'),
         (False, 'no-conv'), (True, 'no-conv'), (False, 'no-act-recompute'),
-        (True, 'no-act-recompute'), (True, 'no-attn-replay')]
+        (True, 'no-act-recompute'), (False, 'no-window-copies'), (True, 'no-window-copies'),
+        (True, 'no-attn-replay')]
     assert [(r.with_cp, r.kernels) for r in rows if r.model is sht] == [
         (False, 'mmhat'), (True, 'mmhat'), (False, 'plain'), (True, 'plain'),
         (True, 'no-attn-replay')]
@@ -267,11 +268,14 @@ def test_kernel_ablation_rows_switch_one_feature_off_each():
 
 def test_train_kernels_switch_each_feature():
     from mmhat.models import layers as L
-    uses = (L.use_cpu_kernels, L.use_act_recompute, L.use_attention_replay)
-    for kernels, want in [('mmhat', (True, True, True)), ('plain', (False, False, False)),
-                          ('no-conv', (False, True, True)),
-                          ('no-act-recompute', (True, False, True)),
-                          ('no-attn-replay', (True, True, False))]:
+    uses = (L.use_cpu_kernels, L.use_act_recompute, L.use_window_copies,
+            L.use_attention_replay)
+    for kernels, want in [('mmhat', (True, True, True, True)),
+                          ('plain', (False, False, False, False)),
+                          ('no-conv', (False, True, True, True)),
+                          ('no-act-recompute', (True, False, True, True)),
+                          ('no-window-copies', (True, True, False, True)),
+                          ('no-attn-replay', (True, True, True, False))]:
         with B.train_kernels(kernels):
             assert tuple(u() for u in uses) == want, kernels
         assert all(u() for u in uses)

@@ -160,3 +160,8 @@ def test_onnx_export_kwargs_pick_the_torchscript_exporter():
     kwargs = compat.onnx_export_kwargs()
     has_dynamo = 'dynamo' in inspect.signature(torch.onnx.export).parameters
     assert kwargs == ({'dynamo': False} if has_dynamo else {})
+
+
+def test_is_compiling_is_false_in_eager_code():
+    from mmhat import compat
+    assert compat.is_compiling() is False

@@ -1,4 +1,6 @@
 """The shared attention kernel and layout helpers."""
+import warnings
+
 import pytest
 import torch
 
@@ -402,3 +404,107 @@ def test_drop_path_equals_mmcv_and_keeps_its_mask_off_the_saved_tensors():
             y.sum().backward()
         recomputed[cls] = mode.count
     assert recomputed == {MMCVDropPath: 2, DropPath: 1}  # fc1 and fc2 / fc1 only
+
+
+# ---------------------------------------------------------------------------------------
+# Windows in one copy each way (layout.window_qkv / merge_windows)
+# ---------------------------------------------------------------------------------------
+def _views_path(qkv, window, pad, heads):
+    """What window_attention did before: pad, cut by views and reshapes, split."""
+    B, C3, H, W = qkv.shape
+    padded = pad_bottom_right(qkv, *pad)  # (B, 3C, Hp, Wp)
+    cells = window_partition(padded, window)  # (B, nH, nW, G*G, 3C)
+    cells = cells.reshape(-1, window * window, 3, heads, C3 // (3 * heads))  # (B', G*G, 3, h, d)
+    return cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
+
+
+# (batch, heads, head width, H, W, window, padding beyond the minimum, channels-last):
+# whole and partial cells, a map smaller than one cell, cells of padding only, NCHW
+WINDOW_CASES = [(2, 2, 3, 13, 11, 4, 0, True), (1, 1, 5, 16, 8, 8, 0, True),
+                (2, 3, 2, 9, 14, 7, 7, False), (1, 2, 4, 7, 7, 7, 0, True),
+                (1, 1, 2, 3, 5, 4, 4, True)]
+
+
+@pytest.mark.parametrize('B,h,d,H,W,G,extra,channels_last', WINDOW_CASES)
+def test_window_qkv_and_merge_equal_the_views_path(B, h, d, H, W, G, extra, channels_last):
+    """Values and gradients equal (they are copies: bit for bit) to pad + window_partition +
+    split and to window_reverse + crop; the cells are zero over padding, the gradient of a
+    merged map is zero there, and the merged map has the memory format asked for."""
+    from mmhat.models.layers import merge_windows, window_qkv
+    gen = torch.Generator().manual_seed(0)
+    pad = (pad_amounts((H, W), G)[0] + extra, pad_amounts((H, W), G)[1])
+    qkv = torch.randn(B, 3 * h * d, H, W, dtype=torch.float64, generator=gen)
+    if channels_last:
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    grads = [torch.randn(B * ((H + pad[0]) // G) * ((W + pad[1]) // G), h, G * G, d,
+                         dtype=torch.float64, generator=gen) for _ in range(3)]
+    got, want = [], []
+    for cut, out in ((window_qkv, got), (_views_path, want)):
+        x = qkv.detach().clone().requires_grad_()
+        parts = cut(x, G, pad, h)
+        out += [p.detach() for p in parts]
+        out += torch.autograd.grad(parts, x, grads)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got[3].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+    nH, nW = (H + pad[0]) // G, (W + pad[1]) // G
+    cells = grads[0].clone().requires_grad_()
+    merged = merge_windows(cells, (B, nH, nW), (H, W))
+    ref = cells.detach().transpose(1, 2).reshape(B, nH, nW, G * G, h * d)
+    assert torch.equal(merged, crop(window_reverse(ref, G), (H, W)))
+    assert merged.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(merged.shape, dtype=torch.float64, generator=gen)
+    (grad_cells,) = torch.autograd.grad(merged, cells, g)
+    ref_cells = cells.detach().clone().requires_grad_()
+    ref_map = crop(window_reverse(ref_cells.transpose(1, 2).reshape(B, nH, nW, G * G, h * d),
+                                  G), (H, W))
+    assert torch.equal(grad_cells, torch.autograd.grad(ref_map, ref_cells, g)[0])  # 0: padding
+    assert merge_windows(cells.detach(), (B, nH, nW), (H, W), torch.contiguous_format
+                         ).is_contiguous()
+
+
+def test_window_attention_cuts_in_one_copy_and_falls_back_where_autograd_functions_cannot():
+    """window_attention's default: no pad, stack or reshape copies in forward + backward, the
+    same values and gradients as the views path (set_window_copies(False)), which tracing
+    (FLOP counters, ONNX) always takes."""
+    from torch.profiler import profile
+
+    from mmhat.models.layers import set_window_copies, use_window_copies, window_attention
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 3 * 8, 13, 18, dtype=torch.float64, generator=gen)
+    qkv = qkv.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 8, 13, 18, dtype=torch.float64, generator=gen)
+    results, ops = [], []
+    assert use_window_copies()
+    for one_copy in (True, False):
+        for fused in (True, False):
+            set_window_copies(one_copy)
+            try:
+                x = qkv.detach().clone().requires_grad_()
+                with profile() as prof:
+                    out = window_attention(x, 4, 2, 0.5, pad_amounts((13, 18), 4), fused)
+                    (gx,) = torch.autograd.grad(out, x, g)
+            finally:
+                set_window_copies(True)
+            results.append((out, gx))
+            ops.append({e.key for e in prof.key_averages()})
+    for out, gx in results[1:]:
+        torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, results[0][1], rtol=1e-12, atol=1e-12)
+    views_only = {'aten::constant_pad_nd', 'aten::stack'}
+    assert not views_only & (ops[0] | ops[1]) and views_only <= ops[2] and views_only <= ops[3]
+    with warnings.catch_warnings():  # crop's size test, constant for this trace
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        graph = str(torch.jit.trace(lambda t: window_attention(t, 4, 2, 0.5, (3, 2)),
+                                    qkv.float()).inlined_graph)
+    assert 'PythonOp' not in graph and 'aten::pad' in graph and 'aten::unbind' in graph
+
+
+def test_window_copies_off_by_environment():
+    import subprocess
+    import sys
+    code = 'from mmhat.models.layers import use_window_copies; print(use_window_copies())'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**__import__('os').environ, 'MMHAT_WINDOW_COPIES': '0'}, check=True)
+    assert out.stdout.strip() == 'False'

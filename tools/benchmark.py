@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'the reference (explicit attention, NCHW); peers run as mmdet builds them')
     p.add_argument('--kernels', choices=['mmhat', 'plain', 'both', 'ablate'], default='mmhat',
                    help="mmhat's training kernels (CPU convolutions, activation recompute, "
-                        "with_cp's attention replay; mmhat.utils.benchmark.KERNEL_FEATURES), "
+                        "windows in one copy, with_cp's attention replay; "
+                        'mmhat.utils.benchmark.KERNEL_FEATURES), '
                         'plain (none of them), both (a kernels/plain table), or ablate (both, '
                         'and all but one of each: a table of what each gives)')
     p.add_argument('--interleave', nargs='?', const='kernels', choices=['kernels', 'models'],

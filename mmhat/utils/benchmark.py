@@ -533,21 +533,24 @@ def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], b
     from mmhat.models import layers as L
     return {'conv': (L.set_cpu_kernels, L.use_cpu_kernels),
             'act-recompute': (L.set_act_recompute, L.use_act_recompute),
+            'window-copies': (L.set_window_copies, L.use_window_copies),
             'attn-replay': (L.set_attention_replay, L.use_attention_replay)}
 
 
 #: mmhat's training kernels, each with its process-wide switch in ``mmhat.models.layers``:
 #: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d``); ``act-recompute``:
-#: ``act_then_conv`` (off: autograd keeps the activation); ``attn-replay``: ``with_cp``
-#: replays the fused attention and the kept linear products (off: the whole block is
-#: recomputed)
-KERNEL_FEATURES = ('conv', 'act-recompute', 'attn-replay')
+#: ``act_then_conv`` (off: autograd keeps the activation); ``window-copies``: windows cut and
+#: merged in one copy each way (``layers.window_qkv`` / ``merge_windows``; off: pad, views
+#: and reshapes); ``attn-replay``: ``with_cp`` replays the fused attention and the kept
+#: linear products (off: the whole block is recomputed)
+KERNEL_FEATURES = ('conv', 'act-recompute', 'window-copies', 'attn-replay')
 
 
 def family_kernel_features(cls) -> Tuple[str, ...]:
     """The training kernels a backbone class uses, from its declared facts."""
-    return (('conv', 'act-recompute') if cls.cpu_conv_kernels else ()) + (
-        ('attn-replay',) if cls.fused_attention or cls.cp_keeps_products else ())
+    return ((('conv', 'act-recompute') if cls.cpu_conv_kernels else ())
+            + (('window-copies',) if cls.windowed_attention else ())
+            + (('attn-replay',) if cls.fused_attention or cls.cp_keeps_products else ()))
 
 
 @contextlib.contextmanager

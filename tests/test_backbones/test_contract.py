@@ -3,6 +3,7 @@ checks; the families' declared facts say what to expect): equality with the offi
 on the reference cases, exact parameter counts, any input size, out_indices, frozen stages,
 norm_eval, with_cp, channels-last, fused attention, checkpoints and bad input."""
 import importlib
+import sys
 
 import pytest
 import torch
@@ -170,6 +171,23 @@ def test_cp_keeps_products_fact(cls):
     from mmhat.utils.benchmark import family_kernel_features
     assert ('attn-replay' in family_kernel_features(cls)) == (
         cls.fused_attention or cls.cp_keeps_products)
+
+
+@pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
+def test_windowed_attention_fact(cls, monkeypatch):
+    """``windowed_attention`` says whether the family's forward attends inside windows
+    (the benchmark's ``window-copies`` feature follows it)."""
+    from mmhat.models.layers import layout
+    cuts = []
+    real = layout.window_qkv
+    monkeypatch.setattr(layout, 'window_qkv', lambda *a: cuts.append(a[1]) or real(*a))
+    monkeypatch.setattr(sys.modules['mmhat.models.layers.attention'], 'window_qkv',
+                        layout.window_qkv)
+    model = contract.build(cls).train()
+    sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
+    assert bool(cuts) == cls.windowed_attention
+    from mmhat.utils.benchmark import family_kernel_features
+    assert ('window-copies' in family_kernel_features(cls)) == cls.windowed_attention
 
 
 @pytest.mark.parametrize('cls', FAMILIES, ids=IDS)

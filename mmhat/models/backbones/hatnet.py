@@ -229,6 +229,7 @@ class HATNet(PyramidBackbone):
     smallest_arch, base_size_arch = 'tiny', 'medium'
     fused_attention = True
     cpu_conv_kernels = True
+    windowed_attention = True  # the local level of H-MHSA (grid size > 1)
     internal_padding = True
     default_norm_cfg = dict(type='GN', num_groups=1, eps=1e-6)
     default_act_cfg = dict(type='SiLU')

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from mmhat import compat
 from .conv import PointwiseConv2d, conv_with_own_gradients
-from .layout import crop, pad_bottom_right, window_partition, window_reverse
+from .layout import (_memory_format, crop, merge_windows, pad_bottom_right, window_partition,
+                     window_qkv, window_reverse)
 from .switches import env_switch
 
 _FUSED_DEFAULT = env_switch('MMHAT_FUSED_ATTN')
@@ -30,6 +31,7 @@ _RECORDERS: List[Callable[['AttentionCall'], None]] = []
 #: the :class:`KeptAttention` of the checkpointed forward or recomputation running now
 _KEPT: List['KeptAttention'] = []
 _REPLAY_DEFAULT = env_switch('MMHAT_CP_REPLAY_ATTN')
+_WINDOW_COPIES = env_switch('MMHAT_WINDOW_COPIES')
 
 
 def set_fused_attn(enable: bool) -> None:
@@ -325,23 +327,47 @@ def window_attention(qkv: torch.Tensor,
     G, h = window, num_heads
     pad_h, pad_w = pad
     nH, nW = (H + pad_h) // G, (W + pad_w) // G
+    one_copy = _WINDOW_COPIES and _eager()
     kept = _replaying(fused)
     if kept is not None:
         # a recomputation replaying the kernel: the cells are not cut (nothing saves them)
         out = kept.replay()  # (B', h, G*G, d)
     else:
-        padded = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
-        cells = window_partition(padded, G)  # (B, nH, nW, G*G, 3C)
-        cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
-        q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
+        if one_copy:
+            q, k, v = window_qkv(qkv, G, pad, h)  # each (B', h, G*G, d)
+        else:
+            padded = pad_bottom_right(qkv, pad_h, pad_w)  # (B, 3C, Hp, Wp)
+            cells = window_partition(padded, G)  # (B, nH, nW, G*G, 3C)
+            cells = cells.reshape(B * nH * nW, G * G, 3, h, C3 // (3 * h))  # (B', G*G, 3, h, d)
+            q, k, v = cells.permute(2, 0, 3, 1, 4).unbind(0)  # each (B', h, G*G, d)
         mask = None
         if pad_h or pad_w:
-            mask = _valid_key_mask((H, W), padded.shape[-2:], G,
+            mask = _valid_key_mask((H, W), (nH * G, nW * G), G,
                                    qkv.device)  # (nH*nW, 1, 1, G*G)
             mask = mask.repeat(B, 1, 1, 1)  # (B', 1, 1, G*G)
         out = attention(q, k, v, scale, attn_mask=mask, fused=fused)  # (B', h, G*G, d)
+    if one_copy:
+        return merge_windows(out, (B, nH, nW), (H, W), _memory_format(qkv))  # (B, C, H, W)
     out = out.transpose(1, 2).reshape(B, nH, nW, G * G, C3 // 3)  # (B, nH, nW, G*G, C)
     return crop(window_reverse(out, G), (H, W))  # (B, C, H, W)
+
+
+def set_window_copies(enable: bool) -> None:
+    """Cut and merge windows in one copy each way (True, the default:
+    :func:`~mmhat.models.layers.layout.window_qkv` / ``merge_windows``) or by pad, views and
+    reshapes (False; what tracing and export always use)."""
+    global _WINDOW_COPIES
+    _WINDOW_COPIES = bool(enable)
+
+
+def use_window_copies() -> bool:
+    return _WINDOW_COPIES
+
+
+def _eager() -> bool:
+    """Not tracing, scripting, exporting or compiling: autograd Functions may run."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting()
+                or torch.onnx.is_in_onnx_export() or compat.is_compiling())
 
 
 def _valid_key_mask(hw: Tuple[int, int], padded_hw: Tuple[int, int], window: int,
