@@ -4,7 +4,7 @@ Every family works on maps of arbitrary size; these helpers name the pads and cr
 that no backbone writes ``x[..., :-0]`` by hand.
 """
 import math
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -181,8 +181,9 @@ def _zero_padding(cells: torch.Tensor, hw: Tuple[int, int], window: int) -> None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
+    """NCHW for an NCHW-contiguous map, else channels-last (also for the zero-strided
+    placeholders of ``with_cp``'s recomputation, whose forward had channels-last maps)."""
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
 def window_qkv(qkv: torch.Tensor, window: int, pad: Tuple[int, int],
@@ -225,18 +226,14 @@ class _WindowQKV(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads: Optional[torch.Tensor]):
+    def backward(ctx, *grads: torch.Tensor):  # autograd gives zeros for an unused output
         shape, memory_format, G, h, nH, nW = ctx.geometry
         B, _, H, W = shape
-        ref = next(g for g in grads if g is not None)
-        grad_qkv = torch.empty(shape, dtype=ref.dtype, device=ref.device,
+        grad_qkv = torch.empty(shape, dtype=grads[0].dtype, device=grads[0].device,
                                memory_format=memory_format)  # (B, 3C, H, W)
         parts = grad_qkv.permute(0, 2, 3, 1).unflatten(-1, (3, h, -1))  # (B, H, W, 3, h, d)
         for i, grad in enumerate(grads):
             part = parts.select(3, i)  # (B, H, W, h, d)
-            if grad is None:
-                part.zero_()
-                continue
             grad = _cells_as_boxes(grad, (B, nH, nW))  # (B, nH, nW, gy, gx, h, d)
             for box in _cell_boxes((H, W), G):
                 _map_box(part, box).copy_(_cells_box(grad, box))
