@@ -501,6 +501,16 @@ def test_window_attention_cuts_in_one_copy_and_falls_back_where_autograd_functio
     assert 'PythonOp' not in graph and 'aten::pad' in graph and 'aten::unbind' in graph
 
 
+def test_window_qkv_and_merge_refuse_a_grid_that_does_not_fit():
+    from mmhat.models.layers import merge_windows, window_qkv
+    with pytest.raises(ValueError, match='does not divide into 4x4 cells; pass at least'):
+        window_qkv(torch.randn(1, 6, 9, 8), 4, (2, 0), 1)
+    with pytest.raises(ValueError, match='do not form a grid'):
+        merge_windows(torch.randn(6, 1, 16, 2), (1, 2, 2), (8, 8))  # 6 cells, not 4
+    with pytest.raises(ValueError, match='covering 9x8'):
+        merge_windows(torch.randn(4, 1, 16, 2), (1, 2, 2), (9, 8))
+
+
 def test_window_copies_off_by_environment():
     import subprocess
     import sys

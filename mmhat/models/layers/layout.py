@@ -205,6 +205,10 @@ def window_qkv(qkv: torch.Tensor, window: int, pad: Tuple[int, int],
         q, k, v, each ``(B * nH * nW, h, G*G, d)`` (views of one buffer, unit stride along
         d; cells row-major, the pixels of a cell row-major).
     """
+    H, W = qkv.shape[-2:]
+    if (H + pad[0]) % window or (W + pad[1]) % window:
+        raise ValueError(f'window_qkv: a {H}x{W} map padded by {pad} does not divide into '
+                         f'{window}x{window} cells; pass at least pad_amounts((H, W), window)')
     return _WindowQKV.apply(qkv, window, pad, num_heads)
 
 
@@ -257,6 +261,11 @@ def merge_windows(cells: torch.Tensor, grid: Tuple[int, int, int], hw: Tuple[int
     Returns:
         ``(B, h * d, H, W)``.
     """
+    G = math.isqrt(cells.shape[2])
+    if (G * G != cells.shape[2] or cells.shape[0] != grid[0] * grid[1] * grid[2]
+            or hw[0] > grid[1] * G or hw[1] > grid[2] * G):
+        raise ValueError(f'merge_windows: {tuple(cells.shape)} cells do not form a grid of '
+                         f'{grid[0]} x {grid[1]} x {grid[2]} square cells covering {hw[0]}x{hw[1]}')
     return _MergeWindows.apply(cells, grid, hw, memory_format)
 
 
