@@ -19,9 +19,8 @@ A family (one file in this folder) supplies its parts and declares its facts:
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
   ``fused_attention``, ``cpu_conv_kernels``, ``windowed_attention``, ``cp_keeps_products``,
-  ``default_norm_cfg``,
-  ``default_act_cfg``, ``reference_name``, ``position_encoding_keys``, ``internal_padding``,
-  and ``publication``
+  ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``, ``position_encoding_keys``,
+  ``internal_padding``, and ``publication``
   (a :class:`Publication`: the paper, the authors' code and where they publish checkpoints,
   read by the model index).
 
