@@ -3,7 +3,6 @@ checks; the families' declared facts say what to expect): equality with the offi
 on the reference cases, exact parameter counts, any input size, out_indices, frozen stages,
 norm_eval, with_cp, channels-last, fused attention, checkpoints and bad input."""
 import importlib
-import sys
 
 import pytest
 import torch
@@ -177,12 +176,10 @@ def test_cp_keeps_products_fact(cls):
 def test_windowed_attention_fact(cls, monkeypatch):
     """``windowed_attention`` says whether the family's forward attends inside windows
     (the benchmark's ``window-copies`` feature follows it)."""
-    from mmhat.models.layers import layout
+    attention_module = importlib.import_module('mmhat.models.layers.attention')
     cuts = []
-    real = layout.window_qkv
-    monkeypatch.setattr(layout, 'window_qkv', lambda *a: cuts.append(a[1]) or real(*a))
-    monkeypatch.setattr(sys.modules['mmhat.models.layers.attention'], 'window_qkv',
-                        layout.window_qkv)
+    real = attention_module.window_qkv
+    monkeypatch.setattr(attention_module, 'window_qkv', lambda *a: cuts.append(a[1]) or real(*a))
     model = contract.build(cls).train()
     sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
     assert bool(cuts) == cls.windowed_attention

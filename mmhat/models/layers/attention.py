@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from mmhat import compat
 from .conv import PointwiseConv2d, conv_with_own_gradients
-from .layout import (_memory_format, crop, merge_windows, pad_bottom_right, window_partition,
+from .layout import (crop, memory_format_of, merge_windows, pad_bottom_right, window_partition,
                      window_qkv, window_reverse)
 from .switches import env_switch
 
@@ -312,6 +312,12 @@ def window_attention(qkv: torch.Tensor,
     back. With any larger padding the valid outputs are the same: padded keys get no weight,
     and cells of padding only are cropped away.
 
+    In eager mode the cells are cut and merged in one copy each way
+    (:func:`~mmhat.models.layers.layout.window_qkv` / ``merge_windows``), and the output is
+    channels-last unless ``qkv`` is NCHW-contiguous; tracing, scripting, ONNX export,
+    ``torch.compile`` and :func:`set_window_copies` ``(False)`` take the same values through
+    pad, views and reshapes (an NCHW-contiguous output).
+
     Args:
         qkv: ``(B, 3 * h * d, H, W)``, channels ``[q | k | v]``, each head-major.
         window: cell side G.
@@ -347,7 +353,7 @@ def window_attention(qkv: torch.Tensor,
             mask = mask.repeat(B, 1, 1, 1)  # (B', 1, 1, G*G)
         out = attention(q, k, v, scale, attn_mask=mask, fused=fused)  # (B', h, G*G, d)
     if one_copy:
-        return merge_windows(out, (B, nH, nW), (H, W), _memory_format(qkv))  # (B, C, H, W)
+        return merge_windows(out, (B, nH, nW), (H, W), memory_format_of(qkv))  # (B, C, H, W)
     out = out.transpose(1, 2).reshape(B, nH, nW, G * G, C3 // 3)  # (B, nH, nW, G*G, C)
     return crop(window_reverse(out, G), (H, W))  # (B, C, H, W)
 

@@ -180,7 +180,7 @@ def _zero_padding(cells: torch.Tensor, hw: Tuple[int, int], window: int) -> None
         cells[:, :, hw[1] // window:].zero_()
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """NCHW for an NCHW-contiguous map, else channels-last (also for the zero-strided
     placeholders of ``with_cp``'s recomputation, whose forward had channels-last maps)."""
     return torch.contiguous_format if x.is_contiguous() else torch.channels_last
@@ -219,7 +219,7 @@ class _WindowQKV(torch.autograd.Function):
         B, C3, H, W = qkv.shape
         G, h = window, num_heads
         nH, nW = (H + pad[0]) // G, (W + pad[1]) // G
-        ctx.geometry = (qkv.shape, _memory_format(qkv), G, h, nH, nW)
+        ctx.geometry = (qkv.shape, memory_format_of(qkv), G, h, nH, nW)
         cells = qkv.new_empty(B, nH, nW, G, G, C3)  # (B, nH, nW, gy, gx, 3C)
         _zero_padding(cells, (H, W), G)
         nhwc = qkv.permute(0, 2, 3, 1)  # (B, H, W, 3C)
