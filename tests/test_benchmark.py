@@ -196,6 +196,8 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     assert B.resolve_model('mmhat.ShuntedTransformer').kernel_features == ('attn-replay',)
     assert gmf.kernel_features == ('attn-replay',)
     assert hat.kernel_features == ('conv', 'act-recompute', 'window-copies', 'attn-replay')
+    assert B.resolve_model('mmhat.TransCNN').kernel_features == (
+        'conv', 'act-recompute', 'window-copies', 'norm-fold', 'attn-replay')
     assert [(r.batch, r.kernels) for r in rows if r.model is r50] == [(1, None), (2, None)]
     results = [result(hat, mode='train', attn='fused', layout='channels_last', kernels=k,
                       batch=b, latency_s=t, peak_mem_mb=m)
@@ -268,14 +270,15 @@ def test_kernel_ablation_rows_switch_one_feature_off_each():
 
 def test_train_kernels_switch_each_feature():
     from mmhat.models import layers as L
-    uses = (L.use_cpu_kernels, L.use_act_recompute, L.use_window_copies,
+    uses = (L.use_cpu_kernels, L.use_act_recompute, L.use_window_copies, L.use_norm_fold,
             L.use_attention_replay)
-    for kernels, want in [('mmhat', (True, True, True, True)),
-                          ('plain', (False, False, False, False)),
-                          ('no-conv', (False, True, True, True)),
-                          ('no-act-recompute', (True, False, True, True)),
-                          ('no-window-copies', (True, True, False, True)),
-                          ('no-attn-replay', (True, True, True, False))]:
+    for kernels, want in [('mmhat', (True, True, True, True, True)),
+                          ('plain', (False, False, False, False, False)),
+                          ('no-conv', (False, True, True, True, True)),
+                          ('no-act-recompute', (True, False, True, True, True)),
+                          ('no-window-copies', (True, True, False, True, True)),
+                          ('no-norm-fold', (True, True, True, False, True)),
+                          ('no-attn-replay', (True, True, True, True, False))]:
         with B.train_kernels(kernels):
             assert tuple(u() for u in uses) == want, kernels
         assert all(u() for u in uses)

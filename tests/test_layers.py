@@ -518,3 +518,128 @@ def test_window_copies_off_by_environment():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          env={**__import__('os').environ, 'MMHAT_WINDOW_COPIES': '0'}, check=True)
     assert out.stdout.strip() == 'False'
+
+
+def _batchnorm(channels: int, dtype: torch.dtype, **kwargs) -> torch.nn.BatchNorm2d:
+    norm = torch.nn.BatchNorm2d(channels, **kwargs).to(dtype)
+    if norm.affine:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    return norm
+
+
+@pytest.mark.parametrize('batch, c_in, c_out, hw', [(1, 8, 32, (5, 7)), (2, 16, 64, (3, 1)),
+                                                    (3, 4, 5, (1, 1))])
+@pytest.mark.parametrize('norm_kwargs', [{}, dict(momentum=None), dict(affine=False),
+                                         dict(track_running_stats=False)],
+                         ids=['default', 'cumulative', 'no-affine', 'no-running-stats'])
+def test_pointwise_then_norm_equals_the_norm_of_the_conv(batch, c_in, c_out, hw, norm_kwargs):
+    """The folded BatchNorm: outputs, running statistics (two steps, so that a cumulative
+    average is exercised), every gradient and the layouts of ``norm(conv(x))`` in float64,
+    on an input with a large mean (the covariance is centred)."""
+    import copy
+
+    from mmhat.models.layers import PointwiseConv2d, pointwise_then_norm, set_norm_fold
+    gen = torch.Generator().manual_seed(0)
+    conv = PointwiseConv2d(c_in, c_out, bias=False).double().to(
+        memory_format=torch.channels_last)
+    norm = _batchnorm(c_out, torch.float64, **norm_kwargs)
+    x0 = (torch.randn(batch, c_in, *hw, dtype=torch.float64, generator=gen) * 3 + 10
+          ).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(batch, c_out, *hw, dtype=torch.float64, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    runs = []
+    for fold in (True, False):
+        c, n = copy.deepcopy(conv), copy.deepcopy(norm)
+        x = x0.clone().requires_grad_()
+        set_norm_fold(fold)
+        try:
+            y = pointwise_then_norm(c, n, x)
+            y = pointwise_then_norm(c, n, x)
+        finally:
+            set_norm_fold(True)
+        assert (type(y.grad_fn).__name__ == '_FoldedNormBackward') == fold
+        (y * g).sum().backward()
+        runs.append(dict(y=y, x=x.grad, w=c.weight.grad, **dict(n.named_buffers())))
+        if n.affine:
+            runs[-1].update(gamma=n.weight.grad, beta=n.bias.grad)
+    got, want = runs
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
+    assert got['y'].is_contiguous(memory_format=torch.channels_last)
+    assert got['x'].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pointwise_then_norm_float32_stays_at_batchnorm_rounding():
+    """In float32 (TransCNN's stage-1 widths, input mean 3, std 2) the fold is BatchNorm's
+    output and gradients to rounding."""
+    import copy
+
+    from mmhat.models.layers import PointwiseConv2d, pointwise_then_norm, set_norm_fold
+    gen = torch.Generator().manual_seed(1)
+    conv = PointwiseConv2d(64, 256, bias=False).to(memory_format=torch.channels_last)
+    norm = _batchnorm(256, torch.float32)
+    x0 = (torch.randn(2, 64, 19, 23, generator=gen) * 2 + 3).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(2, 256, 19, 23, generator=gen)
+    runs = []
+    for fold in (True, False):
+        c, n = copy.deepcopy(conv), copy.deepcopy(norm)
+        x = x0.clone().requires_grad_()
+        set_norm_fold(fold)
+        try:
+            y = pointwise_then_norm(c, n, x)
+        finally:
+            set_norm_fold(True)
+        (y * g).sum().backward()
+        runs.append([y, x.grad, c.weight.grad, n.weight.grad, n.bias.grad, n.running_var])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item())
+
+
+def test_pointwise_then_norm_falls_back_where_it_does_not_apply():
+    """Plain ``norm(conv(x))`` for: the switch off, no gradient, eval mode, NCHW maps, a
+    conv with bias, one that does not expand or is wider than ``FOLD_MAX_IN_CHANNELS``, a
+    SyncBatchNorm, a norm that is not a BatchNorm; one value per channel gets BatchNorm's
+    own error."""
+    from mmhat.models.layers import PointwiseConv2d, pointwise_then_norm, set_norm_fold
+    from mmhat.models.layers.norm import FOLD_MAX_IN_CHANNELS
+
+    def cl(c, h=3, w=4, batch=1):
+        return torch.randn(batch, c, h, w).contiguous(memory_format=torch.channels_last)
+
+    def folded(conv, norm, x):
+        y = pointwise_then_norm(conv.to(memory_format=torch.channels_last), norm, x)
+        return y.grad_fn is not None and type(y.grad_fn).__name__ == '_FoldedNormBackward'
+
+    conv, norm = PointwiseConv2d(4, 8, bias=False), torch.nn.BatchNorm2d(8)
+    assert folded(conv, norm, cl(4))
+    set_norm_fold(False)
+    try:
+        assert not folded(conv, norm, cl(4))
+    finally:
+        set_norm_fold(True)
+    with torch.no_grad():
+        assert not folded(conv, norm, cl(4))
+    assert not folded(conv, torch.nn.BatchNorm2d(8).eval(), cl(4))
+    assert not folded(conv, norm, torch.randn(1, 4, 3, 4))
+    assert not folded(PointwiseConv2d(4, 8), norm, cl(4))
+    assert not folded(PointwiseConv2d(8, 8, bias=False), norm, cl(8))
+    wide = FOLD_MAX_IN_CHANNELS * 2
+    assert not folded(PointwiseConv2d(wide, wide * 2, bias=False),
+                      torch.nn.BatchNorm2d(wide * 2), cl(wide))
+    assert not folded(conv, torch.nn.SyncBatchNorm(8), cl(4))
+    assert not folded(conv, torch.nn.GroupNorm(1, 8), cl(4))
+    assert not folded(conv, torch.nn.Identity(), cl(4))
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        pointwise_then_norm(conv, norm, cl(4, 1, 1))
+
+
+def test_norm_fold_off_by_environment():
+    import subprocess
+    import sys
+    code = 'from mmhat.models.layers import use_norm_fold; print(use_norm_fold())'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         env={**__import__('os').environ, 'MMHAT_NORM_FOLD': '0'}, check=True)
+    assert out.stdout.strip() == 'False'

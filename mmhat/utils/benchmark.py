@@ -534,6 +534,7 @@ def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], b
     return {'conv': (L.set_cpu_kernels, L.use_cpu_kernels),
             'act-recompute': (L.set_act_recompute, L.use_act_recompute),
             'window-copies': (L.set_window_copies, L.use_window_copies),
+            'norm-fold': (L.set_norm_fold, L.use_norm_fold),
             'attn-replay': (L.set_attention_replay, L.use_attention_replay)}
 
 
@@ -541,15 +542,18 @@ def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], b
 #: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d``); ``act-recompute``:
 #: ``act_then_conv`` (off: autograd keeps the activation); ``window-copies``: windows cut and
 #: merged in one copy each way (``layers.window_qkv`` / ``merge_windows``; off: pad, views
-#: and reshapes); ``attn-replay``: ``with_cp`` replays the fused attention and the kept
-#: linear products (off: the whole block is recomputed)
-KERNEL_FEATURES = ('conv', 'act-recompute', 'window-copies', 'attn-replay')
+#: and reshapes); ``norm-fold``: a training-mode BatchNorm folded into the expanding 1x1
+#: conv before it (``layers.pointwise_then_norm``; off: the conv, then the norm);
+#: ``attn-replay``: ``with_cp`` replays the fused attention and the kept linear products
+#: (off: the whole block is recomputed)
+KERNEL_FEATURES = ('conv', 'act-recompute', 'window-copies', 'norm-fold', 'attn-replay')
 
 
 def family_kernel_features(cls) -> Tuple[str, ...]:
     """The training kernels a backbone class uses, from its declared facts."""
     return ((('conv', 'act-recompute') if cls.cpu_conv_kernels else ())
             + (('window-copies',) if cls.windowed_attention else ())
+            + (('norm-fold',) if cls.folded_norms else ())
             + (('attn-replay',) if cls.fused_attention or cls.cp_keeps_products else ()))
 
 

@@ -188,6 +188,22 @@ def test_windowed_attention_fact(cls, monkeypatch):
 
 
 @pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
+def test_folded_norms_fact(cls, monkeypatch):
+    """``folded_norms`` says whether a training step folds a BatchNorm into an expanding
+    1x1 conv (the benchmark's ``norm-fold`` feature follows it)."""
+    norm_module = importlib.import_module('mmhat.models.layers.norm')
+    folded = []
+    real = norm_module._FoldedNorm.apply
+    monkeypatch.setattr(norm_module._FoldedNorm, 'apply',
+                        lambda *a: folded.append(a[0].shape) or real(*a))
+    model = contract.build(cls).train()
+    sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
+    assert bool(folded) == cls.folded_norms
+    from mmhat.utils.benchmark import family_kernel_features
+    assert ('norm-fold' in family_kernel_features(cls)) == cls.folded_norms
+
+
+@pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
 def test_cpu_conv_kernels_fact_and_equality(cls):
     """``cpu_conv_kernels`` says whether the family builds the CPU training kernels (the
     benchmark's ``--kernels both`` reads it), and the kernels train like ``nn.Conv2d``."""

@@ -18,9 +18,9 @@ A family (one file in this folder) supplies its parts and declares its facts:
   :meth:`PyramidBackbone.convert_checkpoint`;
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
-  ``fused_attention``, ``cpu_conv_kernels``, ``windowed_attention``, ``cp_keeps_products``,
-  ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``, ``position_encoding_keys``,
-  ``internal_padding``, and ``publication``
+  ``fused_attention``, ``cpu_conv_kernels``, ``windowed_attention``, ``folded_norms``,
+  ``cp_keeps_products``, ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``,
+  ``position_encoding_keys``, ``internal_padding``, and ``publication``
   (a :class:`Publication`: the paper, the authors' code and where they publish checkpoints,
   read by the model index).
 
@@ -200,6 +200,10 @@ class PyramidBackbone(BaseModule):
     #: whether some stage attends inside windows (``layers.window_attention``), whose cells
     #: are cut and merged in one copy each way unless ``layers.set_window_copies(False)``
     windowed_attention: bool = False
+    #: whether a training-mode BatchNorm follows an expanding ``layers.PointwiseConv2d``
+    #: (``layers.pointwise_then_norm`` folds it into the conv unless
+    #: ``layers.set_norm_fold(False)``)
+    folded_norms: bool = False
     #: whether ``with_cp`` keeps some linear products of the forward for the recomputation
     #: (``layers.kept_linear``; ``layers.set_attention_replay(False)`` turns it off with the
     #: attention replay)

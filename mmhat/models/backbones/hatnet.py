@@ -31,7 +31,8 @@ from torch import nn
 from mmhat.registry import MODELS
 from ..layers import (DepthwiseConv2d, PointwiseConv2d, act_then_conv, attention,
                       attention_input, ceil_pool2d, drop_path, head_dims, merge_heads_nchw,
-                      pad_amounts, split_heads_nchw, use_fused_attn, window_attention)
+                      pad_amounts, pointwise_then_norm, split_heads_nchw, use_fused_attn,
+                      window_attention)
 from .base import Publication, PyramidBackbone, PyramidStage
 
 
@@ -140,7 +141,8 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, C, H, W)``."""
-        x = self.expand_norm(self.expand(self.pre_norm(x)))
+        # TransCNN's training-mode BatchNorm is folded into the expanding conv
+        x = pointwise_then_norm(self.expand, self.expand_norm, self.pre_norm(x))
         # conv(act(x)) keeping only x for the backward (it recomputes the activation)
         x = self.dw_norm(act_then_conv(self.act, self.dwconv, x))
         return self.out_norm(act_then_conv(self.act, self.project, x))

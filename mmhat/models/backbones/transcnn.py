@@ -61,6 +61,7 @@ class TransCNN(HATNet):
     default_norm_cfg = dict(type='BN')
     reference_name = 'transcnn'
     ffn_pre_norm, ffn_inner_norms = False, True
+    folded_norms = True  # each inverted residual's BatchNorm after its expanding 1x1 conv
     publication = Publication(  # paper, official code at the commit read, checkpoints
         'TransCNN', 'Transformer in Convolutional Neural Networks', 'arXiv 2021, the first version of the HAT-Net paper', 'https://arxiv.org/abs/2106.03180v2',  # noqa: E501
         code='https://github.com/yun-liu/HAT-Net/blob/0bd7463ed11177b01b5fb59946537bc8d0c635cb/TransCNN.py',  # noqa: E501

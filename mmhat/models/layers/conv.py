@@ -77,7 +77,7 @@ def _applies(x: torch.Tensor) -> bool:
             and not torch.onnx.is_in_onnx_export())
 
 
-def _own_backward_applies(x: torch.Tensor) -> bool:
+def own_backward_applies(x: torch.Tensor) -> bool:
     """Where a kernel with its own backward may run: as :func:`_applies`, and outside CPU
     autocast (its backward would meet bfloat16 gradients with float32 operands)."""
     return _applies(x) and not compat.is_autocast_enabled('cpu')
@@ -149,7 +149,7 @@ class DepthwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not _ENABLED or self.kernel_size[0] < SLOW_DEPTHWISE_WGRAD_KERNEL
                 or not self.weight.requires_grad or not torch.is_grad_enabled()
-                or not _own_backward_applies(x)):
+                or not own_backward_applies(x)):
             return super().forward(x)
         return conv_with_own_gradients(self, x)
 
@@ -252,7 +252,7 @@ def act_then_conv(act: nn.Module, conv: nn.Conv2d, x: torch.Tensor) -> torch.Ten
     """
     if (_ACT_RECOMPUTE and isinstance(conv, (PointwiseConv2d, DepthwiseConv2d))
             and torch.is_grad_enabled()
-            and not getattr(act, 'inplace', False) and _own_backward_applies(x)
+            and not getattr(act, 'inplace', False) and own_backward_applies(x)
             and (x.requires_grad or any(p.requires_grad for p in conv.parameters()))):
         return _ActThenConv.apply(x, conv.weight, conv.bias, act, conv)
     return conv(act(x))
