@@ -643,3 +643,23 @@ def test_norm_fold_off_by_environment():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          env={**__import__('os').environ, 'MMHAT_NORM_FOLD': '0'}, check=True)
     assert out.stdout.strip() == 'False'
+
+
+def test_act_then_conv_activates_the_depthwise_input_once_in_nchw(monkeypatch):
+    """A k >= 5 depthwise weight gradient reads act(x) in NCHW: ``act_then_conv`` copies x
+    into its buffer in NCHW and activates it there (one fresh NCHW map: the output
+    gradient's), and ``gradients`` refuses an NCHW input it would not read."""
+    from mmhat.models.layers import DepthwiseConv2d, act_then_conv
+    from mmhat.models.layers import conv as conv_module
+    copies = []
+    real = conv_module.nchw_copy
+    monkeypatch.setattr(conv_module, 'nchw_copy',
+                        lambda t, out=None: copies.append(out is None) or real(t, out))
+    conv = DepthwiseConv2d(6, 5).double().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    act_then_conv(torch.nn.SiLU(), conv, x).sum().backward()
+    assert sorted(copies) == [False, True]  # x into the buffer; the gradient fresh
+    grad = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    with pytest.raises(ValueError, match='x_nchw'):
+        conv.gradients(grad, x.detach(), (True, False, True), x_nchw=x.detach().contiguous())

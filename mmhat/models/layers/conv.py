@@ -83,17 +83,20 @@ def own_backward_applies(x: torch.Tensor) -> bool:
     return _applies(x) and not compat.is_autocast_enabled('cpu')
 
 
-def nchw_copy(x: torch.Tensor) -> torch.Tensor:
-    """A channels-last ``(B, C, H, W)`` map copied into NCHW strides.
+def nchw_copy(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A channels-last ``(B, C, H, W)`` map copied into NCHW strides (into ``out``, an NCHW
+    tensor of its shape, where given).
 
     One 2-D ``(H*W, C) -> (C, H*W)`` transpose per image, which PyTorch copies blocked; its
     4-D ``x.contiguous()`` is about twice as slow (256 x 200 x 304: 117 ms against 57 ms).
     """
     B, C, H, W = x.shape
-    out = torch.empty(B, C, H * W, dtype=x.dtype, device=x.device)  # (B, C, H*W)
+    if out is None:
+        out = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
+    planes = out.view(B, C, H * W)  # (B, C, H*W)
     for b in range(B):
-        out[b].copy_(x[b].flatten(1))  # (C, H*W) <- the (C, H*W) view with strides (1, C)
-    return out.view(B, C, H, W)  # (B, C, H, W), NCHW strides
+        planes[b].copy_(x[b].flatten(1))  # (C, H*W) <- the (C, H*W) view with strides (1, C)
+    return out  # (B, C, H, W), NCHW strides
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -153,18 +156,29 @@ class DepthwiseConv2d(nn.Conv2d):
             return super().forward(x)
         return conv_with_own_gradients(self, x)
 
-    def gradients(self, grad: torch.Tensor, x: torch.Tensor,
-                  needs: Tuple[bool, bool, bool]) -> Gradients:
+    def nchw_weight_grad(self) -> bool:
+        """Whether :meth:`gradients` computes the weight gradient in NCHW (``k >= 5``)."""
+        return _ENABLED and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL
+
+    def gradients(self, grad: torch.Tensor, x: torch.Tensor, needs: Tuple[bool, bool, bool],
+                  x_nchw: Optional[torch.Tensor] = None) -> Gradients:
         """The gradients of input, weight and bias (where ``needs`` says) for the output
         gradient ``grad`` at input ``x``: oneDNN's on the channels-last operands, except the
         weight gradient of ``k >= 5``, from NCHW copies of them by the native kernel
-        (:func:`native_depthwise_weight_grad`; with the kernels off: all as ``nn.Conv2d``'s)."""
-        nchw_weight_grad = (_ENABLED and needs[1]
-                            and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL)
+        (:func:`native_depthwise_weight_grad`; with the kernels off: all as ``nn.Conv2d``'s).
+
+        ``x_nchw``, where :meth:`nchw_weight_grad`: the input already in NCHW strides, for
+        the weight gradient; ``x`` then only gives the input gradient its shape and layout
+        (it reads no input values), so any map of that shape and layout will do.
+        """
+        nchw_weight_grad = needs[1] and self.nchw_weight_grad()
+        if x_nchw is not None and not nchw_weight_grad:
+            raise ValueError('x_nchw is only read by an NCHW weight gradient (k >= 5, asked for)')
         grad_x, grad_w, grad_b = _conv_gradients(
             self, grad, x, (needs[0], needs[1] and not nchw_weight_grad, needs[2]))
         if nchw_weight_grad:
-            grad_w = native_depthwise_weight_grad(self, nchw_copy(grad), nchw_copy(x))
+            grad_w = native_depthwise_weight_grad(
+                self, nchw_copy(grad), nchw_copy(x) if x_nchw is None else x_nchw)
         return grad_x, grad_w, grad_b
 
 
@@ -277,10 +291,21 @@ class _ActThenConv(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         into = _ACT_INTO.get(type(ctx.act))
+        conv = ctx.conv
+        if into is not None and need_w and isinstance(conv, DepthwiseConv2d) \
+                and conv.nchw_weight_grad():
+            # Only the weight gradient reads act(x), in NCHW: copy x there once (into the
+            # buffer) and activate it in place, instead of activating into the buffer and
+            # copying that into a fresh NCHW map (a page-faulting one where it is large)
+            activated = nchw_copy(x, out=scratch_like(x, contiguous=True))
+            into.forward(ctx.act, activated, activated)
+            grad_act, grad_w, grad_b = conv.gradients(grad, x, (need_x, need_w, need_b),
+                                                      x_nchw=activated)
+            grad_x = into.backward(ctx.act, grad_act, x, grad_act) if need_x else None
+            return grad_x, grad_w, grad_b, None, None
         if into is not None:
             activated = into.forward(ctx.act, x, scratch_like(x))
-            grad_act, grad_w, grad_b = ctx.conv.gradients(grad, activated,
-                                                          (need_x, need_w, need_b))
+            grad_act, grad_w, grad_b = conv.gradients(grad, activated, (need_x, need_w, need_b))
             # grad_act is the convolution's fresh output, needed by nothing else: the input
             # gradient overwrites it element by element
             grad_x = into.backward(ctx.act, grad_act, x, grad_act) if need_x else None
@@ -324,9 +349,10 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def scratch_like(x: torch.Tensor) -> torch.Tensor:
+def scratch_like(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
     """An uninitialised tensor with the shape, strides and dtype of the (contiguous or
-    channels-last contiguous) tensor ``x``, in a buffer of this thread that every call
+    channels-last contiguous) tensor ``x`` (``contiguous``: with contiguous strides
+    whatever ``x``'s are), in a buffer of this thread that every call
     reuses (it holds the largest such tensor asked for so far): valid until the next call,
     for maps that live inside one operation (:func:`act_then_conv`'s activation, between it
     and the convolution)."""
@@ -337,4 +363,6 @@ def scratch_like(x: torch.Tensor) -> torch.Tensor:
             or buf.device != x.device):
         buf = _SCRATCH.buffer = None  # free the old buffer before taking the new one
         buf = _SCRATCH.buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    if contiguous:
+        return buf[:x.numel()].view(x.shape)
     return buf.as_strided(x.shape, x.stride())
