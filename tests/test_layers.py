@@ -601,8 +601,10 @@ def test_pointwise_then_norm_float32_stays_at_batchnorm_rounding():
 def test_pointwise_then_norm_falls_back_where_it_does_not_apply():
     """Plain ``norm(conv(x))`` for: the switch off, no gradient, eval mode, NCHW maps, a
     conv with bias, one that does not expand or is wider than ``FOLD_MAX_IN_CHANNELS``, a
-    SyncBatchNorm, a norm that is not a BatchNorm; one value per channel gets BatchNorm's
-    own error."""
+    SyncBatchNorm, a norm that is not a BatchNorm, a half-precision map; one value per
+    channel gets BatchNorm's own error."""
+    import copy
+
     from mmhat.models.layers import PointwiseConv2d, pointwise_then_norm, set_norm_fold
     from mmhat.models.layers.norm import FOLD_MAX_IN_CHANNELS
 
@@ -624,6 +626,8 @@ def test_pointwise_then_norm_falls_back_where_it_does_not_apply():
         assert not folded(conv, norm, cl(4))
     assert not folded(conv, torch.nn.BatchNorm2d(8).eval(), cl(4))
     assert not folded(conv, norm, torch.randn(1, 4, 3, 4))
+    assert not folded(copy.deepcopy(conv).bfloat16(), copy.deepcopy(norm).bfloat16(),
+                      cl(4).bfloat16())
     assert not folded(PointwiseConv2d(4, 8), norm, cl(4))
     assert not folded(PointwiseConv2d(8, 8, bias=False), norm, cl(8))
     wide = FOLD_MAX_IN_CHANNELS * 2

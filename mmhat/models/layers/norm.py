@@ -23,11 +23,11 @@ statistics and every gradient to ``nn.BatchNorm2d(conv(x))`` in float64; the fam
 gradients stay at 1e-7 of the reference path in ``tests/test_backbones/test_gradients.py``).
 
 It applies where the CPU training kernels do (:func:`.conv.own_backward_applies`: CPU,
-channels-last, eager, no autocast) with a gradient recorded, to a non-synchronised
-``_BatchNorm`` in training mode after an expanding ``PointwiseConv2d`` without bias of at
-most :data:`FOLD_MAX_IN_CHANNELS` input channels (wider inputs make ``S`` dearer), and
-falls back to ``norm(conv(x))`` elsewhere or when :func:`set_norm_fold` (or
-``MMHAT_NORM_FOLD=0``) turns it off.
+channels-last, eager, no autocast) to float32 / float64 maps with a gradient recorded, to a
+non-synchronised ``_BatchNorm`` in training mode after an expanding ``PointwiseConv2d``
+without bias of at most :data:`FOLD_MAX_IN_CHANNELS` input channels (wider inputs make ``S``
+dearer), and falls back to ``norm(conv(x))`` elsewhere or when :func:`set_norm_fold` (or
+``MMHAT_NORM_FOLD=0``) turns it off. The norm's forward hooks do not run where it folds.
 """
 from typing import Optional
 
@@ -63,6 +63,9 @@ def _folds(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
             and conv.in_channels < conv.out_channels and conv.in_channels <= FOLD_MAX_IN_CHANNELS
             and isinstance(norm, _BatchNorm) and not isinstance(norm, nn.SyncBatchNorm)
             and norm.training and own_backward_applies(x)
+            # the covariance's quadratic forms want float32 or more (BatchNorm's statistics
+            # of half-precision maps are computed in float32)
+            and x.dtype in (torch.float32, torch.float64)
             and x.shape[0] * x.shape[2] * x.shape[3] > 1)  # BatchNorm's own error otherwise
 
 
