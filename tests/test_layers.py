@@ -528,6 +528,31 @@ def _batchnorm(channels: int, dtype: torch.dtype, **kwargs) -> torch.nn.BatchNor
     return norm
 
 
+def _folded_and_plain(conv, norm, x0, g, steps=1):
+    """``pointwise_then_norm`` on copies of ``conv`` and ``norm``, ``steps`` forwards and a
+    backward of ``(y * g).sum()``, with the fold on, then off: for each, the output, the
+    input, weight and norm gradients and the norm's buffers."""
+    import copy
+
+    from mmhat.models.layers import pointwise_then_norm, set_norm_fold
+    runs = []
+    for fold in (True, False):
+        c, n = copy.deepcopy(conv), copy.deepcopy(norm)
+        x = x0.clone().requires_grad_()
+        set_norm_fold(fold)
+        try:
+            for _ in range(steps):
+                y = pointwise_then_norm(c, n, x)
+        finally:
+            set_norm_fold(True)
+        assert (type(y.grad_fn).__name__ == '_FoldedNormBackward') == fold
+        (y * g).sum().backward()
+        runs.append(dict(y=y, x=x.grad, w=c.weight.grad, **dict(n.named_buffers())))
+        if n.affine:
+            runs[-1].update(gamma=n.weight.grad, beta=n.bias.grad)
+    return runs
+
+
 @pytest.mark.parametrize('batch, c_in, c_out, hw', [(1, 8, 32, (5, 7)), (2, 16, 64, (3, 1)),
                                                     (3, 4, 5, (1, 1))])
 @pytest.mark.parametrize('norm_kwargs', [{}, dict(momentum=None), dict(affine=False),
@@ -537,9 +562,7 @@ def test_pointwise_then_norm_equals_the_norm_of_the_conv(batch, c_in, c_out, hw,
     """The folded BatchNorm: outputs, running statistics (two steps, so that a cumulative
     average is exercised), every gradient and the layouts of ``norm(conv(x))`` in float64,
     on an input with a large mean (the covariance is centred)."""
-    import copy
-
-    from mmhat.models.layers import PointwiseConv2d, pointwise_then_norm, set_norm_fold
+    from mmhat.models.layers import PointwiseConv2d
     gen = torch.Generator().manual_seed(0)
     conv = PointwiseConv2d(c_in, c_out, bias=False).double().to(
         memory_format=torch.channels_last)
@@ -548,22 +571,7 @@ def test_pointwise_then_norm_equals_the_norm_of_the_conv(batch, c_in, c_out, hw,
           ).contiguous(memory_format=torch.channels_last)
     g = torch.randn(batch, c_out, *hw, dtype=torch.float64, generator=gen).contiguous(
         memory_format=torch.channels_last)
-    runs = []
-    for fold in (True, False):
-        c, n = copy.deepcopy(conv), copy.deepcopy(norm)
-        x = x0.clone().requires_grad_()
-        set_norm_fold(fold)
-        try:
-            y = pointwise_then_norm(c, n, x)
-            y = pointwise_then_norm(c, n, x)
-        finally:
-            set_norm_fold(True)
-        assert (type(y.grad_fn).__name__ == '_FoldedNormBackward') == fold
-        (y * g).sum().backward()
-        runs.append(dict(y=y, x=x.grad, w=c.weight.grad, **dict(n.named_buffers())))
-        if n.affine:
-            runs[-1].update(gamma=n.weight.grad, beta=n.bias.grad)
-    got, want = runs
+    got, want = _folded_and_plain(conv, norm, x0, g, steps=2)
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10, msg=key)
@@ -574,28 +582,17 @@ def test_pointwise_then_norm_equals_the_norm_of_the_conv(batch, c_in, c_out, hw,
 def test_pointwise_then_norm_float32_stays_at_batchnorm_rounding():
     """In float32 (TransCNN's stage-1 widths, input mean 3, std 2) the fold is BatchNorm's
     output and gradients to rounding."""
-    import copy
-
-    from mmhat.models.layers import PointwiseConv2d, pointwise_then_norm, set_norm_fold
+    from mmhat.models.layers import PointwiseConv2d
     gen = torch.Generator().manual_seed(1)
     conv = PointwiseConv2d(64, 256, bias=False).to(memory_format=torch.channels_last)
     norm = _batchnorm(256, torch.float32)
     x0 = (torch.randn(2, 64, 19, 23, generator=gen) * 2 + 3).contiguous(
         memory_format=torch.channels_last)
     g = torch.randn(2, 256, 19, 23, generator=gen)
-    runs = []
-    for fold in (True, False):
-        c, n = copy.deepcopy(conv), copy.deepcopy(norm)
-        x = x0.clone().requires_grad_()
-        set_norm_fold(fold)
-        try:
-            y = pointwise_then_norm(c, n, x)
-        finally:
-            set_norm_fold(True)
-        (y * g).sum().backward()
-        runs.append([y, x.grad, c.weight.grad, n.weight.grad, n.bias.grad, n.running_var])
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item())
+    got, want = _folded_and_plain(conv, norm, x0, g)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=2e-5,
+                                   atol=2e-5 * want[key].abs().max().item(), msg=key)
 
 
 def test_pointwise_then_norm_falls_back_where_it_does_not_apply():
