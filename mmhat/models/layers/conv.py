@@ -364,5 +364,5 @@ def scratch_like(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
         buf = _SCRATCH.buffer = None  # free the old buffer before taking the new one
         buf = _SCRATCH.buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     if contiguous:
-        return buf[:x.numel()].view(x.shape)
+        return buf[:x.numel()].view(x.shape)  # x's shape, contiguous strides
     return buf.as_strided(x.shape, x.stride())
