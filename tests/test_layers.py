@@ -635,6 +635,11 @@ def test_pointwise_then_norm_falls_back_where_it_does_not_apply():
     assert not folded(conv, torch.nn.Identity(), cl(4))
     with pytest.raises(ValueError, match='more than 1 value per channel'):
         pointwise_then_norm(conv, norm, cl(4, 1, 1))
+    # widths that do not fit: the conv's and the norm's own messages
+    with pytest.raises(RuntimeError, match='expected input.* to have 4 channels'):
+        pointwise_then_norm(conv, norm, cl(5))
+    with pytest.raises(RuntimeError, match='running_mean should contain 8 elements'):
+        pointwise_then_norm(conv, torch.nn.BatchNorm2d(9), cl(4))
 
 
 def test_norm_fold_off_by_environment():

@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'the reference (explicit attention, NCHW); peers run as mmdet builds them')
     p.add_argument('--kernels', choices=['mmhat', 'plain', 'both', 'ablate'], default='mmhat',
                    help="mmhat's training kernels (CPU convolutions, activation recompute, "
-                        "windows in one copy, with_cp's attention replay; "
+                        "windows in one copy, the folded BatchNorm, with_cp's attention replay; "
                         'mmhat.utils.benchmark.KERNEL_FEATURES), '
                         'plain (none of them), both (a kernels/plain table), or ablate (both, '
                         'and all but one of each: a table of what each gives)')

@@ -114,8 +114,8 @@ class PointwiseConv2d(nn.Conv2d):
     def training_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The convolution as a training step computes it: ``F.linear`` on the NHWC view
         where the kernels apply, else ``nn.Conv2d``'s."""
-        if not (_ENABLED and _applies(x)):
-            return super().forward(x)
+        if not (_ENABLED and _applies(x)) or x.shape[1] != self.in_channels:
+            return super().forward(x)  # a wrong width gets nn.Conv2d's own error
         weight = self.weight.flatten(1)  # (C_out, C_in)
         y = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)  # (B, H, W, C_out)
         return y.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last strides

@@ -62,6 +62,9 @@ def _folds(conv: nn.Module, norm: nn.Module, x: torch.Tensor) -> bool:
             and conv.bias is None
             and conv.in_channels < conv.out_channels and conv.in_channels <= FOLD_MAX_IN_CHANNELS
             and isinstance(norm, _BatchNorm) and not isinstance(norm, nn.SyncBatchNorm)
+            # widths that do not fit get the conv's or the norm's own error, not a product's
+            and x.dim() == 4 and x.shape[1] == conv.in_channels
+            and norm.num_features == conv.out_channels
             and norm.training and own_backward_applies(x)
             # the covariance's quadratic forms want float32 or more (BatchNorm's statistics
             # of half-precision maps are computed in float32)
