@@ -121,8 +121,8 @@ def test_pointwise_conv_equals_conv2d(batch, hw, bias):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize('kernel', [3, 5, 7])
-@pytest.mark.parametrize('batch,hw', [(1, (9, 6)), (2, (5, 11))])
+@pytest.mark.parametrize('kernel', [3, 5, 7, 9])
+@pytest.mark.parametrize('batch,hw', [(1, (9, 6)), (2, (5, 11)), (3, (1, 1)), (2, (2, 13))])
 def test_depthwise_conv_equals_conv2d(kernel, batch, hw):
     from mmhat.models.layers import DepthwiseConv2d
     torch.manual_seed(0)
@@ -175,24 +175,85 @@ def test_conv_kernels_take_their_path_only_where_they_apply(monkeypatch):
     assert calls == ['DepthwiseConv2d']
 
 
-def test_depthwise_weight_gradient_runs_the_native_kernel_and_restores_onednn():
-    """k >= 5: the weight gradient is PyTorch's native (Slow2d) one, with oneDNN switched off
-    for that call only, also when it raises."""
+def _conv3x3_weight_grads(fn):
+    """How many 3x3 / other weight gradients ``fn`` computes, and whether the native
+    per-channel kernel ran."""
     from torch.profiler import profile
+    with profile(record_shapes=True) as prof:
+        fn()
+    grads = [e.input_shapes[2] for e in prof.events()
+             if e.name == 'aten::convolution_backward']
+    native = any(e.name == 'aten::_slow_conv2d_backward' for e in prof.events())
+    return [tuple(s[-2:]) for s in grads], native
 
+
+@pytest.mark.parametrize('kernel,blocks', [(5, 4), (7, 9), (9, 16)])
+def test_depthwise_weight_gradient_is_assembled_from_3x3_blocks(kernel, blocks):
+    """Odd k >= 5: the weight gradient is ``ceil((k - 1) / 2)^2`` 3x3 ones (oneDNN's fast
+    kernel), besides the input gradient's k x k one, and no native per-channel kernel; the
+    borders of the reused input frame are zeroed whatever the buffer held before."""
     from mmhat.models.layers import DepthwiseConv2d
-    from mmhat.models.layers.conv import native_depthwise_weight_grad
-    dw = DepthwiseConv2d(8, 5, bias=False).to(memory_format=torch.channels_last)
-    x = torch.randn(1, 8, 12, 10).contiguous(memory_format=torch.channels_last)
-    assert torch._C._get_mkldnn_enabled()
-    with profile() as prof:
-        dw(x.requires_grad_()).sum().backward()
-    names = {e.name for e in prof.events()}
-    assert 'aten::_slow_conv2d_backward' in names  # the weight gradient
-    assert torch._C._get_mkldnn_enabled()
-    with pytest.raises(RuntimeError):
-        native_depthwise_weight_grad(dw, torch.randn(1, 7, 12, 10), torch.randn(1, 8, 12, 10))
-    assert torch._C._get_mkldnn_enabled()
+    from mmhat.models.layers.conv import scratch
+    conv = DepthwiseConv2d(8, kernel, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 12, 10).contiguous(memory_format=torch.channels_last)
+    scratch(10 ** 5, torch.float32, x.device).fill_(float('nan'))
+    shapes, native = _conv3x3_weight_grads(
+        lambda: conv(x.requires_grad_()).square().sum().backward())
+    assert sorted(shapes) == [(3, 3)] * blocks + [(kernel, kernel)] and not native
+    want = torch.ops.aten.convolution_backward(
+        2 * conv(x).detach(), x.detach(), conv.weight.detach(), None, [1, 1],
+        [kernel // 2] * 2, [1, 1], False, [0, 0], 8, [False, True, False])[1]
+    torch.testing.assert_close(conv.weight.grad, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('hw', [(200, 304), (50, 76)])
+def test_depthwise_weight_gradient_in_blocks_float32_at_stage_sizes(hw):
+    """float32 at TransCNN-T's stage-1 / stage-3 map sizes, against a float64 reference:
+    sums of 60800 products per entry at float32 rounding (the blocks: 4.6e-6 of the largest
+    entry at 200x304; oneDNN's own 5x5 kernel: 1.1e-6)."""
+    from mmhat.models.layers import DepthwiseConv2d
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(16, 5, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 16, *hw).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(1, 16, *hw).contiguous(memory_format=torch.channels_last)
+    (got,) = torch.autograd.grad(conv(x.requires_grad_()), [conv.weight], g)
+    want = torch.ops.aten.convolution_backward(
+        g.double(), x.detach().double(), conv.weight.detach().double(), None, [1, 1], [2, 2],
+        [1, 1], False, [0, 0], 16, [False, True, False])[1]
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_depthwise_weight_gradient_in_blocks_only_where_it_applies():
+    """Even kernels, strides, dilations or other paddings keep ``nn.Conv2d``'s backward;
+    an input frame given where no block weight gradient reads it is refused."""
+    from mmhat.models.layers import DepthwiseConv2d, set_cpu_kernels
+    assert DepthwiseConv2d(4, 5).weight_grad_in_blocks()
+    assert not DepthwiseConv2d(4, 3).weight_grad_in_blocks()
+    assert not DepthwiseConv2d(4, 6).weight_grad_in_blocks()
+    for attr, value in (('stride', (2, 2)), ('dilation', (2, 2)), ('padding', (1, 1))):
+        conv = DepthwiseConv2d(4, 5)
+        setattr(conv, attr, value)
+        assert not conv.weight_grad_in_blocks()
+        conv = conv.double().to(memory_format=torch.channels_last)
+        x = torch.randn(1, 4, 9, 8, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        y = conv(x)
+        got = torch.autograd.grad(y.square().sum(), [x, conv.weight])
+        want = torch.autograd.grad(torch.nn.Conv2d.forward(conv, x.contiguous()).square().sum(),
+                                   [x, conv.weight])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    try:
+        set_cpu_kernels(False)
+        assert not DepthwiseConv2d(4, 5).weight_grad_in_blocks()
+    finally:
+        set_cpu_kernels(True)
+    conv = DepthwiseConv2d(4, 3)
+    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match='x_frame'):
+        conv.gradients(x, x, (True, True, True), x_frame=x.flatten())
+    with pytest.raises(ValueError, match='x_frame'):
+        DepthwiseConv2d(4, 5).gradients(x, x, (True, False, True), x_frame=x.flatten())
 
 
 def test_conv_kernels_keep_the_conv2d_state_dict():
@@ -213,14 +274,6 @@ def test_cpu_kernels_off_by_environment():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          env={**__import__('os').environ, 'MMHAT_CPU_KERNELS': '0'}, check=True)
     assert out.stdout.strip() == 'False'
-
-
-@pytest.mark.parametrize('shape', [(1, 3, 4, 5), (2, 7, 1, 3)])
-def test_nchw_copy(shape):
-    from mmhat.models.layers.conv import nchw_copy
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    y = nchw_copy(x)
-    assert torch.equal(y, x) and y.is_contiguous()
 
 
 @pytest.mark.parametrize('conv_kind', ['pointwise', 'depthwise3', 'depthwise5'])
@@ -651,21 +704,23 @@ def test_norm_fold_off_by_environment():
     assert out.stdout.strip() == 'False'
 
 
-def test_act_then_conv_activates_the_depthwise_input_once_in_nchw(monkeypatch):
-    """A k >= 5 depthwise weight gradient reads act(x) in NCHW: ``act_then_conv`` copies x
-    into its buffer in NCHW and activates it there (one fresh NCHW map: the output
-    gradient's), and ``gradients`` refuses an NCHW input it would not read."""
+def test_act_then_conv_activates_the_depthwise_input_into_its_frame(monkeypatch):
+    """A k >= 5 depthwise weight gradient reads act(x) from its zero-bordered frame:
+    ``act_then_conv`` activates x straight into the frame's interior, so nothing copies the
+    input; the values are those of ``conv(act(x))``."""
     from mmhat.models.layers import DepthwiseConv2d, act_then_conv
     from mmhat.models.layers import conv as conv_module
-    copies = []
-    real = conv_module.nchw_copy
-    monkeypatch.setattr(conv_module, 'nchw_copy',
-                        lambda t, out=None: copies.append(out is None) or real(t, out))
+    frames = []
+    real = conv_module.depthwise_weight_grad_in_blocks
+    monkeypatch.setattr(conv_module, 'depthwise_weight_grad_in_blocks',
+                        lambda g, frame, k: frames.append(frame.data_ptr()) or real(g, frame, k))
     conv = DepthwiseConv2d(6, 5).double().to(memory_format=torch.channels_last)
     x = torch.randn(2, 6, 7, 9, dtype=torch.float64).contiguous(
         memory_format=torch.channels_last).requires_grad_()
-    act_then_conv(torch.nn.SiLU(), conv, x).sum().backward()
-    assert sorted(copies) == [False, True]  # x into the buffer; the gradient fresh
-    grad = torch.randn(2, 6, 7, 9, dtype=torch.float64)
-    with pytest.raises(ValueError, match='x_nchw'):
-        conv.gradients(grad, x.detach(), (True, False, True), x_nchw=x.detach().contiguous())
+    with torch.profiler.profile(record_shapes=True) as prof:
+        act_then_conv(torch.nn.SiLU(), conv, x).sum().backward()
+    assert frames == [conv_module.scratch(1, torch.float64, x.device).data_ptr()]
+    # the output gradient goes into its frame (one copy of a map); the input is activated
+    # into its own
+    assert sum(e.name == 'aten::copy_' and list(x.shape) in e.input_shapes
+               for e in prof.events()) == 1

@@ -16,10 +16,12 @@ with :func:`act_then_conv` 1.06-1.16x faster than plain ``nn.Conv2d`` and autogr
   benchmark measured the two the same or the linear slower (up to 10% at batch 2).
 * :class:`DepthwiseConv2d` (``groups == channels``, stride 1): oneDNN's weight gradient of a
   channels-last depthwise convolution with a kernel of 5 or more is slow (5x5, 256 channels,
-  200x304: 578 ms; 259 ms in NCHW), while its input gradient and forward are fast
-  channels-last. The weight gradient alone is computed on NCHW copies of the two operands
-  by PyTorch's native convolution (``Slow2d``: per channel, an im2col of one plane and one
-  matrix-vector product), 95 ms on those shapes (:func:`native_depthwise_weight_grad`).
+  200x304: 578 ms; 259 ms in NCHW; PyTorch's native kernel on NCHW copies, one im2col and
+  one matrix-vector product per channel: 330 ms with the copies), while its 3x3 one is fast
+  (~25 ms). A ``k x k`` weight gradient is assembled from 3x3 ones
+  (:func:`depthwise_weight_grad_in_blocks`: four for 5x5, 110 ms on those shapes), each
+  reading the output gradient and the input in zero-bordered frames whose offsets shift
+  the 3x3 window over the ``k x k`` one; no copy changes the layout.
 
 Either falls back to ``nn.Conv2d.forward`` wherever it would not help or cannot apply:
 other devices, NCHW maps, tracing / scripting / ONNX export (so FLOP counters and exported
@@ -83,22 +85,6 @@ def own_backward_applies(x: torch.Tensor) -> bool:
     return _applies(x) and not compat.is_autocast_enabled('cpu')
 
 
-def nchw_copy(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A channels-last ``(B, C, H, W)`` map copied into NCHW strides (into ``out``, an NCHW
-    tensor of its shape, where given).
-
-    One 2-D ``(H*W, C) -> (C, H*W)`` transpose per image, which PyTorch copies blocked; its
-    4-D ``x.contiguous()`` is about twice as slow (256 x 200 x 304: 117 ms against 57 ms).
-    """
-    B, C, H, W = x.shape
-    if out is None:
-        out = torch.empty(B, C, H, W, dtype=x.dtype, device=x.device)
-    planes = out.view(B, C, H * W)  # (B, C, H*W)
-    for b in range(B):
-        planes[b].copy_(x[b].flatten(1))  # (C, H*W) <- the (C, H*W) view with strides (1, C)
-    return out  # (B, C, H, W), NCHW strides
-
-
 class PointwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1)``, computed as ``F.linear`` on NHWC maps
     when a gradient is recorded."""
@@ -142,71 +128,143 @@ class PointwiseConv2d(nn.Conv2d):
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)``; for ``k >= 5``
-    on channels-last CPU maps the weight gradient is computed in NCHW."""
+    """``nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)``; for odd
+    ``k >= 5`` on channels-last CPU maps the weight gradient is assembled from 3x3 ones
+    (:func:`depthwise_weight_grad_in_blocks`)."""
 
     def __init__(self, channels: int, kernel_size: int, bias: bool = True) -> None:
         super().__init__(channels, channels, kernel_size, padding=kernel_size // 2,
                          groups=channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not _ENABLED or self.kernel_size[0] < SLOW_DEPTHWISE_WGRAD_KERNEL
-                or not self.weight.requires_grad or not torch.is_grad_enabled()
-                or not own_backward_applies(x)):
+        if (not self.weight_grad_in_blocks() or not self.weight.requires_grad
+                or not torch.is_grad_enabled() or not own_backward_applies(x)):
             return super().forward(x)
         return conv_with_own_gradients(self, x)
 
-    def nchw_weight_grad(self) -> bool:
-        """Whether :meth:`gradients` computes the weight gradient in NCHW (``k >= 5``)."""
-        return _ENABLED and self.kernel_size[0] >= SLOW_DEPTHWISE_WGRAD_KERNEL
+    def weight_grad_in_blocks(self) -> bool:
+        """Whether :meth:`gradients` assembles the weight gradient from 3x3 ones (odd square
+        ``k >= 5``, stride 1, no dilation, padding ``k // 2``; the kernels on)."""
+        k = self.kernel_size[0]
+        return (_ENABLED and k >= SLOW_DEPTHWISE_WGRAD_KERNEL and k % 2 == 1
+                and self.kernel_size == (k, k) and self.stride == (1, 1)
+                and self.dilation == (1, 1) and self.padding == (k // 2, k // 2)
+                and self.groups == self.in_channels == self.out_channels)
+
+    def input_frame(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The zero-bordered frame that :meth:`gradients` reads the input from, in this
+        thread's buffer (:func:`scratch_like`), and the ``(B, C, H, W)`` view of its
+        interior, where the caller writes the input (``x`` gives shape and dtype)."""
+        return input_frame(x, self.kernel_size[0])
 
     def gradients(self, grad: torch.Tensor, x: torch.Tensor, needs: Tuple[bool, bool, bool],
-                  x_nchw: Optional[torch.Tensor] = None) -> Gradients:
+                  x_frame: Optional[torch.Tensor] = None) -> Gradients:
         """The gradients of input, weight and bias (where ``needs`` says) for the output
         gradient ``grad`` at input ``x``: oneDNN's on the channels-last operands, except the
-        weight gradient of ``k >= 5``, from NCHW copies of them by the native kernel
-        (:func:`native_depthwise_weight_grad`; with the kernels off: all as ``nn.Conv2d``'s).
+        weight gradient where :meth:`weight_grad_in_blocks` (then from 3x3 blocks; with the
+        kernels off: all as ``nn.Conv2d``'s).
 
-        ``x_nchw``, where :meth:`nchw_weight_grad`: the input already in NCHW strides, for
-        the weight gradient; ``x`` then only gives the input gradient its shape and layout
-        (it reads no input values), so any map of that shape and layout will do.
+        ``x_frame``, where the weight gradient is assembled: the input already in the frame
+        of :meth:`input_frame`; ``x`` then only gives the input gradient its shape and
+        layout (it reads no input values), so any map of that shape and layout will do.
         """
-        nchw_weight_grad = needs[1] and self.nchw_weight_grad()
-        if x_nchw is not None and not nchw_weight_grad:
-            raise ValueError('x_nchw is only read by an NCHW weight gradient (k >= 5, asked for)')
+        in_blocks = needs[1] and self.weight_grad_in_blocks()
+        if x_frame is not None and not in_blocks:
+            raise ValueError('x_frame is only read by a weight gradient assembled from 3x3 '
+                             'blocks (odd k >= 5, asked for)')
         grad_x, grad_w, grad_b = _conv_gradients(
-            self, grad, x, (needs[0], needs[1] and not nchw_weight_grad, needs[2]))
-        if nchw_weight_grad:
-            grad_w = native_depthwise_weight_grad(
-                self, nchw_copy(grad), nchw_copy(x) if x_nchw is None else x_nchw)
+            self, grad, x, (needs[0], needs[1] and not in_blocks, needs[2]))
+        if in_blocks:
+            if x_frame is None:
+                x_frame, interior = self.input_frame(x)
+                interior.copy_(x)
+            grad_w = depthwise_weight_grad_in_blocks(grad, x_frame, self.kernel_size[0])
         return grad_x, grad_w, grad_b
 
 
-def native_depthwise_weight_grad(conv: nn.Conv2d, grad: torch.Tensor,
-                                 x: torch.Tensor) -> torch.Tensor:
-    """The weight gradient ``(C, 1, k, k)`` of the depthwise ``conv`` for the NCHW output
-    gradient ``grad`` at the NCHW input ``x``, by PyTorch's native CPU convolution.
+class _Frame(NamedTuple):
+    """Where a ``(B, C, H, W)`` map sits in the zero-bordered frames of
+    :func:`depthwise_weight_grad_in_blocks`: ``(B, C, rows, cols)`` channels-last frames,
+    one after the other, then ``reach`` zero positions (a position: C values)."""
+    rows: int
+    cols: int
+    reach: int
 
-    With oneDNN enabled, ``convolution_backward`` sends a CPU depthwise convolution to oneDNN,
-    whose weight gradient is 2.7x (NCHW) to 6x (channels-last) slower than the native
-    ``Slow2d`` kernel for k >= 5 (5x5, 256 channels, 200x304, one thread: 259 / 578 ms
-    against 95 ms; 1024 channels, 50x76: 66 / 141 against 28 ms). The only way to choose the
-    native kernel is to disable oneDNN while this call runs: the switch is process-wide, so
-    a convolution that another thread starts meanwhile also runs natively (same result,
-    slower).
+    @staticmethod
+    def of(hw: Tuple[int, int], k: int) -> '_Frame':
+        H, W = hw
+        p = k // 2
+        cols = W + 2 * p
+        # rows: the output gradient needs one zero row above and below; the input p, and
+        # may read p rows past its frame, into the next frame's top rows (or the reach)
+        return _Frame(H + max(2, p), cols, (k - 3) * (cols + 1))
+
+    def view(self, buf: torch.Tensor, shape: torch.Size, offset: int = 0) -> torch.Tensor:
+        """The ``(B, C, rows, cols)`` channels-last frames of ``buf`` (1-D) from position
+        ``offset`` on."""
+        B, C = shape[:2]
+        return buf.as_strided((B, C, self.rows, self.cols),
+                              (self.rows * self.cols * C, 1, self.cols * C, C), offset * C)
+
+    def numel(self, shape: torch.Size) -> int:
+        B, C = shape[:2]
+        return (B * self.rows * self.cols + self.reach) * C
+
+
+def _bordered(frame: _Frame, buf: torch.Tensor, shape: torch.Size, top: int,
+              left: int) -> torch.Tensor:
+    """Zero everything of ``buf``'s frames but the ``(H, W)`` interior at ``(top, left)``
+    (and the reach); return the interior's ``(B, C, H, W)`` view."""
+    H, W = shape[-2:]
+    framed = frame.view(buf, shape)  # (B, C, rows, cols)
+    framed[:, :, :top].zero_()
+    framed[:, :, top + H:].zero_()
+    framed[:, :, top:top + H, :left].zero_()
+    framed[:, :, top:top + H, left + W:].zero_()
+    end = frame.numel(shape)
+    buf[end - frame.reach * shape[1]:end].zero_()
+    return framed[:, :, top:top + H, left:left + W]  # (B, C, H, W)
+
+
+def input_frame(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The input frame of a ``k x k`` depthwise weight gradient for maps shaped like ``x``,
+    in this thread's buffer (:func:`scratch_like`): ``(buffer, interior)``, the interior the
+    ``(B, C, H, W)`` view where the input goes (``k // 2`` zero rows and columns around it)."""
+    frame = _Frame.of(x.shape[-2:], k)
+    buf = scratch(frame.numel(x.shape), x.dtype, x.device)
+    return buf, _bordered(frame, buf, x.shape, k // 2, k // 2)
+
+
+def depthwise_weight_grad_in_blocks(grad: torch.Tensor, x_frame: torch.Tensor,
+                                    k: int) -> torch.Tensor:
+    """The weight gradient ``(C, 1, k, k)`` of a ``k x k`` depthwise convolution (odd k,
+    stride 1, padding ``k // 2``) for the channels-last output gradient ``grad``
+    ``(B, C, H, W)``, at the input in ``x_frame`` (:func:`input_frame`), as
+    ``ceil((k - 1) / 2) ** 2`` 3x3 weight gradients (oneDNN's fast kernel on CPU; 5x5: four).
+
+    The output gradient is copied into frames of the same width with one zero row and
+    column around it. The 3x3 weight gradient (padding 1) of frames ``G`` and ``X`` sums
+    ``G[y, u] * X[y + a - 1, u + b - 1]``; ``X``, the input frames seen from position
+    ``di * cols + dj`` on, holds the input moved by ``(di, dj)``, so block ``(di, dj)`` gives
+    the ``k x k`` entries ``(di + a, dj + b)``. Where ``G`` is not zero its reads stay inside
+    the frame's rows and columns, so the only values they meet are the input and its zero
+    border (rows below a frame are the next frame's zero top rows, or the reach).
     """
-    conv_args = (list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0],
-                 conv.groups)
-    # ``contiguous()`` keeps a (C, 1, k, k) channels-last weight as it is (its size-1 axis
-    # makes it contiguous too): clone it into NCHW strides, as the native kernel reads it.
-    nchw_weight = conv.weight.detach().clone(memory_format=torch.contiguous_format)
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return torch.ops.aten.convolution_backward(
-            grad, x, nchw_weight, None, *conv_args, [False, True, False])[1]  # (C, 1, k, k)
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
+    B, C, H, W = grad.shape
+    frame = _Frame.of((H, W), k)
+    g_buf = torch.empty(frame.numel(grad.shape), dtype=grad.dtype, device=grad.device)
+    _bordered(frame, g_buf, grad.shape, 1, 1).copy_(grad)
+    g_frame = frame.view(g_buf, grad.shape)  # (B, C, rows, cols)
+    weight3 = grad.new_zeros(C, 1, 3, 3)  # only its shape is read
+    out = grad.new_empty(C, 1, k, k)
+    starts = range(0, k - 2, 2)  # 3x3 blocks covering 0..k-1 (the last may overlap)
+    for di in starts:
+        for dj in starts:
+            x_moved = frame.view(x_frame, grad.shape, di * frame.cols + dj)  # (B, C, rows, cols)
+            out[:, :, di:di + 3, dj:dj + 3] = torch.ops.aten.convolution_backward(
+                g_frame, x_moved, weight3, None, [1, 1], [1, 1], [1, 1], False, [0, 0], C,
+                [False, True, False])[1]  # (C, 1, 3, 3)
+    return out
 
 
 def _conv_gradients(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor,
@@ -293,14 +351,13 @@ class _ActThenConv(torch.autograd.Function):
         into = _ACT_INTO.get(type(ctx.act))
         conv = ctx.conv
         if into is not None and need_w and isinstance(conv, DepthwiseConv2d) \
-                and conv.nchw_weight_grad():
-            # Only the weight gradient reads act(x), in NCHW: copy x there once (into the
-            # buffer) and activate it in place, instead of activating into the buffer and
-            # copying that into a fresh NCHW map (a page-faulting one where it is large)
-            activated = nchw_copy(x, out=scratch_like(x, contiguous=True))
-            into.forward(ctx.act, activated, activated)
+                and conv.weight_grad_in_blocks():
+            # Only the weight gradient reads act(x), in its zero-bordered frame: activate x
+            # straight into the frame's interior
+            frame, interior = conv.input_frame(x)
+            into.forward(ctx.act, x, interior)
             grad_act, grad_w, grad_b = conv.gradients(grad, x, (need_x, need_w, need_b),
-                                                      x_nchw=activated)
+                                                      x_frame=frame)
             grad_x = into.backward(ctx.act, grad_act, x, grad_act) if need_x else None
             return grad_x, grad_w, grad_b, None, None
         if into is not None:
@@ -349,20 +406,21 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def scratch_like(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``numel`` uninitialised values (1-D) in a buffer of this thread that every call reuses
+    (it holds the largest such tensor asked for so far): valid until the next call, for maps
+    that live inside one operation (:func:`act_then_conv`'s activation, between it and the
+    convolution)."""
+    buf = _SCRATCH.buffer
+    if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+        buf = _SCRATCH.buffer = None  # free the old buffer before taking the new one
+        buf = _SCRATCH.buffer = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def scratch_like(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor with the shape, strides and dtype of the (contiguous or
-    channels-last contiguous) tensor ``x`` (``contiguous``: with contiguous strides
-    whatever ``x``'s are), in a buffer of this thread that every call
-    reuses (it holds the largest such tensor asked for so far): valid until the next call,
-    for maps that live inside one operation (:func:`act_then_conv`'s activation, between it
-    and the convolution)."""
+    channels-last contiguous) tensor ``x`` in this thread's buffer (:func:`scratch`)."""
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError('scratch_like needs a contiguous or channels-last contiguous tensor')
-    buf = _SCRATCH.buffer
-    if (buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype
-            or buf.device != x.device):
-        buf = _SCRATCH.buffer = None  # free the old buffer before taking the new one
-        buf = _SCRATCH.buffer = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-    if contiguous:
-        return buf[:x.numel()].view(x.shape)  # x's shape, contiguous strides
-    return buf.as_strided(x.shape, x.stride())
+    return scratch(x.numel(), x.dtype, x.device).as_strided(x.shape, x.stride())
