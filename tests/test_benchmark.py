@@ -499,3 +499,54 @@ def test_interleave_models_needs_two_models():
                           '--cp', 'off'])
     with pytest.raises(SystemExit, match='or --interleave models'):
         load_tool().main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'kernels'])
+
+
+def test_measure_rows_times_each_group_in_several_processes(monkeypatch):
+    """processes=3: each interleaved group runs in three workers one after the other; a row's
+    latency is the median of its per-process medians, every step is kept, and a ratio is the
+    median of the per-process ratios (not the ratio of the medians); a row that failed in
+    any process is reported as failed."""
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
+    rows = [B.Row(model=m, size=(64, 64), mode='train') for m in (hat, r50)]
+    # per process: (HAT-Net, ResNet-50) latencies; ratios r50 / hat 2.0, 1.1, 1.5
+    per_process = iter([(1.0, 2.0), (2.0, 2.2), (1.2, 1.8)])
+    calls = []
+
+    def spawn(row, timeout):
+        calls.append((row.model.key, row.phase))
+        return B.Result.of(row, latency_s=9.0, peak_mem_mb=5.0, mem_method='VmHWM')
+
+    def spawn_interleaved(group, timeout):
+        calls.append('interleaved')
+        times = next(per_process)
+        return [B.Result.of(r, latency_s=t, latency_all_s=[t, t], foreign_cores=0.1 * t,
+                            interleaved=True) for r, t in zip(group, times)]
+    monkeypatch.setattr(B, 'spawn', spawn)
+    monkeypatch.setattr(B, 'spawn_interleaved', spawn_interleaved)
+    got = B.measure_rows(rows, interleave='models', processes=3, log=lambda s: None)
+    assert calls == ['interleaved'] * 3 + [(hat.key, 'memory'), (r50.key, 'memory')]
+    h, r = got
+    assert h.latency_by_process_s == [1.0, 2.0, 1.2] and h.latency_s == 1.2
+    assert r.latency_by_process_s == [2.0, 2.2, 1.8] and r.latency_s == 2.0
+    assert h.latency_all_s == [1.0, 1.0, 2.0, 2.0, 1.2, 1.2] and h.throughput == 1 / 1.2
+    assert h.foreign_cores == pytest.approx(0.2) and h.peak_mem_mb == 5.0
+    pair = B.Pair(h, r)
+    assert pair.per_process_speedups() == pytest.approx([2.0, 1.1, 1.5])
+    assert pair.speedup == pytest.approx(1.5)  # the ratio of the medians would be 1.67
+    assert pair.time_ratio == pytest.approx(1 / 1.5)
+    assert B.Pair(h, B.Result.of(rows[1], latency_s=2.0)).speedup == pytest.approx(2.0 / 1.2)
+    tool = load_tool()
+    assert tool.per_process_text(pair) == '1.10-2.00' and tool.per_process_text(None) == '—'
+
+    failed = B.merge_processes([[B.Result.of(rows[0], latency_s=1.0)],
+                                [B.Result.of(rows[0], error='worker exited with -9')]])
+    assert failed[0].error == 'worker exited with -9' and not failed[0].ok
+    with pytest.raises(ValueError, match='at least 1'):
+        B.measure_rows(rows, interleave='models', processes=0)
+
+
+def test_processes_needs_interleave():
+    with pytest.raises(SystemExit, match='give --interleave models'):
+        load_tool().main(['mmhat.HATNet', '--peers', 'r50', '--processes', '3'])
+    with pytest.raises(SystemExit, match='at least 1'):
+        load_tool().main(['mmhat.HATNet', '--peers', 'r50', '--processes', '0'])

@@ -156,7 +156,11 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
         f'warm-up; peak memory = rise during the first pass of a separate process '
         f'({mem_method})'] + ([
             INTERLEAVED['models' if st.get('interleave') == 'models' else 'kernels']]
-            if any(r.interleaved for r in results) else []) + ['']
+            if any(r.interleaved for r in results) else []) + ([
+                f'- each group of rows timed together in {st["processes"]} fresh processes, one '
+                'after the other (`--processes`): latency = median of the per-process medians, '
+                'a ratio = median of the per-process ratios']
+                if (st.get('processes') or 1) > 1 else []) + ['']
 
     def cells_or_error(r, cells):
         return cells if r.ok else [f'error: {r.error}']
@@ -175,6 +179,9 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
                                                else None)),
               (f'memory vs {ref}', lambda r: f(vs_ref[id(r)].mem_ratio if id(r) in vs_ref
                                                 else None))] if ref else []
+    processes = st.get('processes') or 1
+    if ref and processes > 1:
+        versus.insert(1, ('per process (min-max)', lambda r: per_process_text(vs_ref.get(id(r)))))
     cpu = [('foreign CPU (cores)', lambda r: f(r.foreign_cores)),
            ('own CPU (cores)', lambda r: f(r.own_cpu_share))]
     cp = [('with_cp', lambda r: 'on' if r.with_cp else 'off')]
@@ -229,11 +236,18 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
     return '\n'.join(lines)
 
 
+def per_process_text(pair: Optional[B.Pair]) -> str:
+    """The per-process ratios of ``pair`` as ``min-max``; ``—`` for none."""
+    each = pair.per_process_speedups() if pair is not None else []
+    return f'{min(each):.2f}-{max(each):.2f}' if each else '—'
+
+
 def pair_records(pairs: Dict[str, List[B.Pair]]) -> Dict[str, List[Dict[str, Any]]]:
     """The ratio tables as JSON."""
     return {key: [dict(model=p.result.model, size=p.result.size, mode=p.result.mode,
                        with_cp=p.result.with_cp, path=p.result.path(),
                        ref_path=p.reference.path(), speedup=p.speedup,
+                       speedup_by_process=p.per_process_speedups(),
                        time_ratio=p.time_ratio, mem_ratio=p.mem_ratio,
                        mem_mb=p.result.peak_mem_mb, ref_mem_mb=p.reference.peak_mem_mb,
                        compile_s=p.result.compile_s) for p in items]
@@ -282,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                         'mode and batch (models, kernels, with_cp on and off), so that the '
                         'ratios between models and with_cp / plain are as steady as those '
                         'between kernels; memory still in a fresh process per row')
+    p.add_argument('--processes', type=int, default=1, metavar='N',
+                   help='with --interleave: time each group of rows in N fresh processes, one '
+                        'after the other; a row\'s latency is the median of its per-process '
+                        'medians and a ratio between rows the median of the per-process '
+                        'ratios (each listed in the report): one process\'s ratio moves by '
+                        'about +-5%% between runs')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -424,6 +444,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit('--interleave times the kernel configurations of a model together: '
                          'give --kernels both or --kernels ablate (or --interleave models to '
                          'time the models together)')
+    if args.processes < 1:
+        raise SystemExit(f'--processes must be at least 1, got {args.processes}')
+    if args.processes > 1 and not args.interleave:
+        raise SystemExit('--processes times each group of --interleave rows in several '
+                         'processes: give --interleave models (or kernels) too')
     args.warmup = max(1, args.warmup)
     peers = [] if args.peers in (['none'], []) else args.peers
     unknown = [p for p in peers if p.lower() not in B.PEERS]
@@ -478,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              busy_cores=args.busy_cores, retry_wait=args.retry_wait,
                              timeout=args.worker_timeout,
                              matmul_gflops_per_s=matmul['gflops_per_s'], on_row=save_partial,
-                             interleave=args.interleave)
+                             interleave=args.interleave, processes=args.processes)
     # FLOPs are counted once per model and size: every row of it gets them
     flops = {(r.model_key, tuple(r.size)): r.gflops for r in results if r.gflops is not None}
     for r in results:
@@ -500,6 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   models=[dataclasses.asdict(m) for m in models],
                   results=[dict(B.result_to_dict(r),
                                 vs_ref_speed=vs_ref[id(r)].speedup if id(r) in vs_ref else None,
+                                vs_ref_speed_by_process=(vs_ref[id(r)].per_process_speedups()
+                                                         if id(r) in vs_ref else []),
                                 vs_ref_mem=vs_ref[id(r)].mem_ratio if id(r) in vs_ref else None)
                            for r in results],
                   summaries=pair_records(ratios))

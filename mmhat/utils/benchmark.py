@@ -170,6 +170,9 @@ class Result:
     #: timed in one process with other rows (the other kernel configurations of its model,
     #: or other models too), alternating step by step (:func:`measure_interleaved`)
     interleaved: bool = False
+    #: with several processes per interleaved group (``measure_rows(processes=N)``): each
+    #: process's median; ``latency_s`` is their median
+    latency_by_process_s: List[float] = field(default_factory=list)
     error: Optional[str] = None
 
     @classmethod
@@ -979,13 +982,17 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
                  timeout: float = 1800.0, matmul_gflops_per_s: Optional[float] = None,
                  on_row: Optional[Callable[[List[Result]], None]] = None,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-                 interleave: Optional[str] = None) -> List[Result]:
+                 interleave: Optional[str] = None, processes: int = 1) -> List[Result]:
     """Measure every row: in fresh processes (``isolate``: timing and, on the CPU, memory
     each in its own; rows measured on an oversubscribed CPU are retried ``retries`` times)
     or in this process. With ``interleave`` (and ``isolate``), rows that differ only in
     the fields of :data:`INTERLEAVE_ACROSS` ``[interleave]`` (``'kernels'``, or ``'models'``)
     are timed together in one process (:func:`measure_interleaved`), each row's memory
-    still in its own. ``on_row`` gets the results so far after each row."""
+    still in its own; with ``processes`` > 1, each such group in that many fresh processes
+    one after the other (:func:`merge_processes`). ``on_row`` gets the results so far after
+    each row."""
+    if processes < 1:
+        raise ValueError(f'processes must be at least 1, got {processes}')
     across = 'kernels' if interleave is True else interleave or None
     groups: Dict[str, List[Row]] = {}
     if across and isolate:
@@ -1000,9 +1007,13 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
         if len(group) > 1:
             if id(row) not in timed:
                 what = ', '.join(dict.fromkeys(r.model.label for r in group))
-                log(f'    timing {len(group)} rows ({what}) interleaved in one process')
-                timed.update(zip(map(id, group), _time_interleaved(
-                    group, retries, busy_cores, retry_wait, timeout, log)))
+                runs = []
+                for p in range(processes):
+                    log(f'    timing {len(group)} rows ({what}) interleaved in one process'
+                        + (f' ({p + 1} of {processes})' if processes > 1 else ''))
+                    runs.append(_time_interleaved(group, retries, busy_cores, retry_wait,
+                                                  timeout, log))
+                timed.update(zip(map(id, group), merge_processes(runs)))
             res = _with_memory(timed[id(row)], row, timeout)
             if matmul_gflops_per_s and res.ok:
                 add_rate(res, matmul_gflops_per_s)
@@ -1026,6 +1037,37 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
         if on_row is not None:
             on_row(results)
     return results
+
+
+def merge_processes(runs: Sequence[Sequence[Result]]) -> List[Result]:
+    """The results of one interleaved group timed in several processes (``runs[p][i]``: row
+    ``i`` in process ``p``) as one result per row: ``latency_s`` the median of the
+    per-process medians (``latency_by_process_s``), every step in ``latency_all_s``, the
+    busiest process's foreign CPU. A row that failed in any process is that failure.
+    Between processes the same code differs by up to ~8% (heap state, page placement);
+    within one the rows share them, so :attr:`Pair.speedup` takes the median of the
+    per-process ratios."""
+    if len(runs) == 1:
+        return list(runs[0])
+    merged = []
+    for got in zip(*runs):
+        failed = next((r for r in got if not r.ok), None)
+        if failed is not None:
+            merged.append(failed)
+            continue
+        res = dataclasses.replace(got[0])
+        res.latency_by_process_s = [r.latency_s for r in got]
+        res.latency_s = statistics.median(res.latency_by_process_s)
+        res.throughput = res.batch / res.latency_s
+        res.latency_all_s = [t for r in got for t in r.latency_all_s]
+        res.foreign_cores_all = [f for r in got for f in r.foreign_cores_all]
+        known = [r.foreign_cores for r in got if r.foreign_cores is not None]
+        res.foreign_cores = max(known) if known else None
+        res.own_cpu_share = statistics.median(
+            [r.own_cpu_share for r in got if r.own_cpu_share is not None] or [0.0])
+        res.attempts = sum(r.attempts for r in got)
+        merged.append(res)
+    return merged
 
 
 def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry_wait: float,
@@ -1111,11 +1153,24 @@ class Pair:
 
     @property
     def speedup(self) -> float:
+        """``reference / result`` latency; rows timed together in several processes: the
+        median of the per-process ratios (each from one process's alternating steps)."""
+        per_process = self.per_process_speedups()
+        if per_process:
+            return statistics.median(per_process)
         return self.reference.latency_s / self.result.latency_s
 
     @property
     def time_ratio(self) -> float:
-        return self.result.latency_s / self.reference.latency_s
+        return 1.0 / self.speedup
+
+    def per_process_speedups(self) -> List[float]:
+        """``reference / result`` in each process that timed both (none unless both were
+        timed in the same several processes)."""
+        a, b = self.result.latency_by_process_s, self.reference.latency_by_process_s
+        if len(a) < 2 or len(a) != len(b):
+            return []
+        return [ref / res for res, ref in zip(a, b)]
 
     @property
     def mem_ratio(self) -> Optional[float]:

@@ -153,7 +153,7 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def input_frame(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The zero-bordered frame that :meth:`gradients` reads the input from, in this
-        thread's buffer (:func:`scratch_like`), and the ``(B, C, H, W)`` view of its
+        thread's buffer (:func:`scratch`), and the ``(B, C, H, W)`` view of its
         interior, where the caller writes the input (``x`` gives shape and dtype)."""
         return input_frame(x, self.kernel_size[0])
 
@@ -228,7 +228,7 @@ def _bordered(frame: _Frame, buf: torch.Tensor, shape: torch.Size, top: int,
 
 def input_frame(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The input frame of a ``k x k`` depthwise weight gradient for maps shaped like ``x``,
-    in this thread's buffer (:func:`scratch_like`): ``(buffer, interior)``, the interior the
+    in this thread's buffer (:func:`scratch`): ``(buffer, interior)``, the interior the
     ``(B, C, H, W)`` view where the input goes (``k // 2`` zero rows and columns around it)."""
     frame = _Frame.of(x.shape[-2:], k)
     buf = scratch(frame.numel(x.shape), x.dtype, x.device)
