@@ -194,7 +194,7 @@ def test_kernel_rows_and_batches_are_planned_paired_and_reported():
     assert [(r.batch, r.kernels) for r in rows if r.model is gmf] == [
         (1, 'mmhat'), (1, 'plain'), (2, 'mmhat'), (2, 'plain')]
     assert B.resolve_model('mmhat.ShuntedTransformer').kernel_features == ('attn-replay',)
-    assert gmf.kernel_features == ('attn-replay',)
+    assert gmf.kernel_features == ('conv', 'attn-replay')
     assert hat.kernel_features == ('conv', 'act-recompute', 'window-copies', 'attn-replay')
     assert B.resolve_model('mmhat.TransCNN').kernel_features == (
         'conv', 'act-recompute', 'window-copies', 'norm-fold', 'attn-replay')

@@ -254,6 +254,63 @@ def test_depthwise_weight_gradient_in_blocks_only_where_it_applies():
         conv.gradients(x, x, (True, True, True), x_frame=x.flatten())
     with pytest.raises(ValueError, match='x_frame'):
         DepthwiseConv2d(4, 5).gradients(x, x, (True, False, True), x_frame=x.flatten())
+    with pytest.raises(ValueError, match='make it with input_frame'):
+        DepthwiseConv2d(4, 5).gradients(x, x, (True, True, True), x_frame=x.flatten())
+
+
+@pytest.mark.parametrize('kernel', [5, 7])
+@pytest.mark.parametrize('bias', [True, False])
+def test_depthwise_conv2d_equals_conv2d(kernel, bias):
+    """``depthwise_conv2d`` with a kernel that is no leaf (a repeated one, as
+    GroupMixFormer's proxies use): values and every gradient of ``F.conv2d`` in float64, its
+    weight gradient from 3x3 blocks; at odd sizes, batch 2."""
+    from mmhat.models.layers import depthwise_conv2d
+    torch.manual_seed(0)
+    base = torch.randn(3, 1, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True) if bias else None
+    x0 = torch.randn(2, 9, 7, 11, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(2, 9, 7, 11, dtype=torch.float64)
+    results = []
+    for fn in (lambda x, w: depthwise_conv2d(x, w, b),
+               lambda x, w: torch.nn.functional.conv2d(x, w, b, padding=kernel // 2, groups=9)):
+        x = x0.clone().requires_grad_()
+        y = fn(x, base.repeat(3, 1, 1, 1))
+        results.append([y] + list(torch.autograd.grad((y * g).sum(), [x, base] + [b] * bias)))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    # float32 (oneDNN's kernels; float64 runs the native ones): 3x3 blocks only
+    w32 = base.detach().float().requires_grad_()
+    shapes, native = _conv3x3_weight_grads(
+        lambda: depthwise_conv2d(x0.float(), w32.repeat(3, 1, 1, 1)).sum().backward())
+    assert shapes.count((3, 3)) == (4 if kernel == 5 else 9) and not native
+
+
+def test_depthwise_conv2d_is_conv2d_where_blocks_do_not_apply():
+    """3x3 kernels, NCHW maps, a weight without a gradient, the kernels off, tracing: plain
+    ``F.conv2d`` (no 3x3 blocks); a kernel that does not fit gets ``F.conv2d``'s error."""
+    from mmhat.models.layers import depthwise_conv2d, set_cpu_kernels
+    w5 = torch.randn(4, 1, 5, 5, requires_grad=True)
+    cl = torch.randn(1, 4, 6, 7).contiguous(memory_format=torch.channels_last)
+    cases = [(cl, torch.randn(4, 1, 3, 3, requires_grad=True)), (cl.contiguous(), w5),
+             (cl, w5.detach())]
+    for x, w in cases:
+        shapes, _ = _conv3x3_weight_grads(lambda: depthwise_conv2d(
+            x.requires_grad_(), w).sum().backward())
+        assert (3, 3) not in shapes or w.shape[-1] == 3
+        assert shapes.count((3, 3)) <= 1
+    try:
+        set_cpu_kernels(False)
+        shapes, _ = _conv3x3_weight_grads(lambda: depthwise_conv2d(cl, w5).sum().backward())
+        assert shapes == [(5, 5)]
+    finally:
+        set_cpu_kernels(True)
+    cl, w = cl.detach(), w5.detach()
+    traced = torch.jit.trace(lambda x: depthwise_conv2d(x, w, kernel_size=5), cl)
+    assert '_convolution' in str(traced.inlined_graph)
+    torch.testing.assert_close(traced(cl), torch.nn.functional.conv2d(cl, w, padding=2, groups=4))
+    with pytest.raises(RuntimeError, match='expected weight|to have 4 channels|groups'):
+        depthwise_conv2d(cl, torch.randn(3, 1, 5, 5, requires_grad=True))
 
 
 def test_conv_kernels_keep_the_conv2d_state_dict():

@@ -542,7 +542,7 @@ def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], b
 
 
 #: mmhat's training kernels, each with its process-wide switch in ``mmhat.models.layers``:
-#: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d``); ``act-recompute``:
+#: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d`` / ``F.conv2d``); ``act-recompute``:
 #: ``act_then_conv`` (off: autograd keeps the activation); ``window-copies``: windows cut and
 #: merged in one copy each way (``layers.window_qkv`` / ``merge_windows``; off: pad, views
 #: and reshapes); ``norm-fold``: a training-mode BatchNorm folded into the expanding 1x1
@@ -554,7 +554,8 @@ KERNEL_FEATURES = ('conv', 'act-recompute', 'window-copies', 'norm-fold', 'attn-
 
 def family_kernel_features(cls) -> Tuple[str, ...]:
     """The training kernels a backbone class uses, from its declared facts."""
-    return ((('conv', 'act-recompute') if cls.cpu_conv_kernels else ())
+    return ((('conv', 'act-recompute') if cls.cpu_conv_kernels else
+             ('conv',) if cls.depthwise_kernels else ())
             + (('window-copies',) if cls.windowed_attention else ())
             + (('norm-fold',) if cls.folded_norms else ())
             + (('attn-replay',) if cls.fused_attention or cls.cp_keeps_products else ()))

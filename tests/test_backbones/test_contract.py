@@ -204,6 +204,24 @@ def test_folded_norms_fact(cls, monkeypatch):
 
 
 @pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
+def test_depthwise_kernels_fact(cls, monkeypatch):
+    """``depthwise_kernels`` says whether a training step convolves through
+    ``layers.depthwise_conv2d``'s 3x3-block weight gradient (the benchmark's ``conv``
+    feature follows it, or ``cpu_conv_kernels``)."""
+    conv_module = importlib.import_module('mmhat.models.layers.conv')
+    calls = []
+    real = conv_module._DepthwiseConv.apply
+    monkeypatch.setattr(conv_module._DepthwiseConv, 'apply',
+                        lambda *a: calls.append(a[1].shape) or real(*a))
+    model = contract.build(cls).train()
+    sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
+    assert bool(calls) == cls.depthwise_kernels
+    from mmhat.utils.benchmark import family_kernel_features
+    assert ('conv' in family_kernel_features(cls)) == (cls.depthwise_kernels
+                                                       or cls.cpu_conv_kernels)
+
+
+@pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
 def test_cpu_conv_kernels_fact_and_equality(cls):
     """``cpu_conv_kernels`` says whether the family builds the CPU training kernels (the
     benchmark's ``--kernels both`` reads it), and the kernels train like ``nn.Conv2d``."""

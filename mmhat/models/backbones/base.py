@@ -18,9 +18,9 @@ A family (one file in this folder) supplies its parts and declares its facts:
   :meth:`PyramidBackbone.convert_checkpoint`;
 * ``init_default_weights()``: the official random initialisation;
 * facts that tests and tools read: ``pretrain_size``, ``smallest_arch``, ``base_size_arch``,
-  ``fused_attention``, ``cpu_conv_kernels``, ``windowed_attention``, ``folded_norms``,
-  ``cp_keeps_products``, ``default_norm_cfg``, ``default_act_cfg``, ``reference_name``,
-  ``position_encoding_keys``, ``internal_padding``, and ``publication``
+  ``fused_attention``, ``cpu_conv_kernels``, ``depthwise_kernels``, ``windowed_attention``,
+  ``folded_norms``, ``cp_keeps_products``, ``default_norm_cfg``, ``default_act_cfg``,
+  ``reference_name``, ``position_encoding_keys``, ``internal_padding``, and ``publication``
   (a :class:`Publication`: the paper, the authors' code and where they publish checkpoints,
   read by the model index).
 
@@ -197,6 +197,10 @@ class PyramidBackbone(BaseModule):
     #: whether the family builds ``layers.PointwiseConv2d`` / ``DepthwiseConv2d`` (CPU training
     #: kernels that ``layers.set_cpu_kernels(False)`` turns back into plain ``nn.Conv2d``)
     cpu_conv_kernels: bool = False
+    #: whether the family convolves with depthwise kernels given as tensors through
+    #: ``layers.depthwise_conv2d`` (a k >= 5 weight gradient from 3x3 ones; with
+    #: ``layers.set_cpu_kernels(False)``: ``F.conv2d``)
+    depthwise_kernels: bool = False
     #: whether some stage attends inside windows (``layers.window_attention``), whose cells
     #: are cut and merged in one copy each way unless ``layers.set_window_copies(False)``
     windowed_attention: bool = False

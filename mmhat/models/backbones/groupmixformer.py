@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmhat.registry import MODELS
-from ..layers import drop_path, kept_linear, nchw_to_nlc, nlc_to_nchw
+from ..layers import depthwise_conv2d, drop_path, kept_linear, nchw_to_nlc, nlc_to_nchw
 from .base import Publication, PyramidBackbone, PyramidStage
 
 #: Kernel sizes of the group proxies: segment ``1 + i`` of q/k/v is aggregated by a
@@ -336,8 +336,8 @@ class GroupAggregator(nn.Module):
             # One depthwise conv over [q | k | v] (channels-last, as oneDNN runs depthwise
             # convs fastest), the shared kernel repeated for each of them.
             kernel = channels_last_kernel(depthwise.weight.repeat(3, 1, 1, 1))  # (3s, 1, k, k)
-            proxies = F.conv2d(nlc_to_nchw(qkv, hw), kernel, padding=depthwise.padding,
-                               groups=3 * s)  # (B, 3s, H, W)
+            proxies = depthwise_conv2d(nlc_to_nchw(qkv, hw), kernel,
+                                       kernel_size=depthwise.kernel_size[0])  # (B, 3s, H, W)
             proxies = nchw_to_nlc(proxies).view(B, N, 3, s)  # (B, N, 3, s)
             # The pointwise conv as a batched matmul that also turns the tokens channels
             # first (a 1x1 conv, or a matmul on the tokens, of so few channels is slow).
@@ -433,8 +433,8 @@ class ConvRelPosEnc(nn.Module):
         weight, bias, size = self.kernels(heads)
         # Channels-last, as oneDNN runs depthwise convs fastest.
         v = v.reshape(B, C, *hw).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
-        v = F.conv2d(zero_outside(v, valid), weight, bias, padding=size // 2,
-                     groups=C)  # (B, C, H, W)
+        v = depthwise_conv2d(zero_outside(v, valid), weight, bias,
+                             kernel_size=size)  # (B, C, H, W)
         return q * v.flatten(2)  # (B, C, N)
 
 
@@ -707,6 +707,7 @@ class GroupMixFormer(PyramidBackbone):
 
     smallest_arch, base_size_arch = 'mini', 'base'
     cp_keeps_products = True  # qkv and fc1 of stages 3-4 (KEEP_PRODUCTS_FROM_STAGE)
+    depthwise_kernels = True  # the proxies' and the CRPE's 5x5 / 7x7 kernels
     default_act_cfg = dict(type='HSwish')
     reference_name = 'groupmixformer'
     position_encoding_keys = ('.cpe.', '.crpe.')  # the convolutional (relative) position encodings

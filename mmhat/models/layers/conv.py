@@ -16,12 +16,13 @@ with :func:`act_then_conv` 1.06-1.16x faster than plain ``nn.Conv2d`` and autogr
   benchmark measured the two the same or the linear slower (up to 10% at batch 2).
 * :class:`DepthwiseConv2d` (``groups == channels``, stride 1): oneDNN's weight gradient of a
   channels-last depthwise convolution with a kernel of 5 or more is slow (5x5, 256 channels,
-  200x304: 578 ms; 259 ms in NCHW; PyTorch's native kernel on NCHW copies, one im2col and
-  one matrix-vector product per channel: 330 ms with the copies), while its 3x3 one is fast
-  (~25 ms). A ``k x k`` weight gradient is assembled from 3x3 ones
-  (:func:`depthwise_weight_grad_in_blocks`: four for 5x5, 110 ms on those shapes), each
-  reading the output gradient and the input in zero-bordered frames whose offsets shift
-  the 3x3 window over the ``k x k`` one; no copy changes the layout.
+  200x304, one thread, AMD EPYC: 578 ms; 259 ms in NCHW), its 3x3 one fast. A ``k x k``
+  weight gradient is assembled from 3x3 ones (:func:`depthwise_weight_grad_in_blocks`: four
+  for 5x5), each reading the output gradient and the input in zero-bordered frames whose
+  offsets move the 3x3 window over the ``k x k`` one; no copy changes the layout. On those
+  shapes (Intel Xeon, one thread) 110 ms, against 330 ms for the route it replaced: NCHW
+  copies of both operands and PyTorch's native kernel, an im2col and a matrix-vector
+  product per channel (which needed oneDNN switched off process-wide during the call).
 
 Either falls back to ``nn.Conv2d.forward`` wherever it would not help or cannot apply:
 other devices, NCHW maps, tracing / scripting / ONNX export (so FLOP counters and exported
@@ -252,6 +253,10 @@ def depthwise_weight_grad_in_blocks(grad: torch.Tensor, x_frame: torch.Tensor,
     """
     B, C, H, W = grad.shape
     frame = _Frame.of((H, W), k)
+    if x_frame.dim() != 1 or x_frame.numel() != frame.numel(grad.shape):
+        raise ValueError(f'x_frame has shape {tuple(x_frame.shape)}; the input frame of a '
+                         f'{k}x{k} weight gradient at {tuple(grad.shape)} holds '
+                         f'{frame.numel(grad.shape)} values: make it with input_frame')
     g_buf = torch.empty(frame.numel(grad.shape), dtype=grad.dtype, device=grad.device)
     _bordered(frame, g_buf, grad.shape, 1, 1).copy_(grad)
     g_frame = frame.view(g_buf, grad.shape)  # (B, C, rows, cols)
@@ -278,6 +283,54 @@ def _conv_gradients(conv: nn.Conv2d, grad: torch.Tensor, x: torch.Tensor,
             list(conv.dilation), False, [0, 0], conv.groups, [needs[0], needs[1], False])
     grad_b = grad.sum((0, 2, 3)) if needs[2] and conv.bias is not None else None  # (C_out,)
     return grad_x, grad_w, grad_b
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     kernel_size: Optional[int] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)``: a depthwise convolution with
+    a ``(C, 1, k, k)`` kernel given as a tensor (shared, repeated or assembled from several
+    modules' kernels), whose weight gradient for odd ``k >= 5`` on channels-last CPU maps
+    is assembled from 3x3 ones (:func:`depthwise_weight_grad_in_blocks`), the input gradient
+    oneDNN's. Elsewhere (NCHW, other devices, tracing, compiling, autocast, no weight
+    gradient, :func:`set_cpu_kernels` off) it is ``F.conv2d``. ``kernel_size``: ``k`` as a
+    Python int, where the caller has it (a traced ``weight.shape`` is a tensor, which torch
+    2.1's tracer cannot pass as a padding)."""
+    k = kernel_size if kernel_size is not None else weight.shape[-1]
+    if (_ENABLED and k >= SLOW_DEPTHWISE_WGRAD_KERNEL and k % 2 == 1 and weight.dim() == 4
+            and weight.shape[1:] == (1, k, k) and weight.shape[0] == x.shape[1]
+            and torch.is_grad_enabled() and weight.requires_grad and own_backward_applies(x)
+            and not compat.is_compiling()):
+        return _DepthwiseConv.apply(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=k // 2, groups=x.shape[1])
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """:func:`depthwise_conv2d` where the weight gradient is assembled from 3x3 blocks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        k, C = weight.shape[-1], x.shape[1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], C,
+                [True, False, False])[0]  # (B, C, H, W)
+        if ctx.needs_input_grad[1]:
+            frame, interior = input_frame(x, k)
+            interior.copy_(x)
+            grad_w = depthwise_weight_grad_in_blocks(grad, frame, k)  # (C, 1, k, k)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))  # (C,)
+        return grad_x, grad_w, grad_b
 
 
 def conv_with_own_gradients(conv: nn.Conv2d, x: torch.Tensor,
