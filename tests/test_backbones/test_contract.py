@@ -187,17 +187,23 @@ def test_windowed_attention_fact(cls, monkeypatch):
     assert ('window-copies' in family_kernel_features(cls)) == cls.windowed_attention
 
 
+def _applied_in_a_training_step(cls, monkeypatch, module: str, function: str) -> int:
+    """How often one training step of ``cls`` (75x69, channels-last CPU) applies the
+    autograd Function ``function`` of ``mmhat.models.layers.<module>``."""
+    fn = getattr(importlib.import_module(f'mmhat.models.layers.{module}'), function)
+    calls = []
+    real = fn.apply
+    monkeypatch.setattr(fn, 'apply', lambda *a: calls.append(a[0].shape) or real(*a))
+    model = contract.build(cls).train()
+    sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
+    return len(calls)
+
+
 @pytest.mark.parametrize('cls', FAMILIES, ids=IDS)
 def test_folded_norms_fact(cls, monkeypatch):
     """``folded_norms`` says whether a training step folds a BatchNorm into an expanding
     1x1 conv (the benchmark's ``norm-fold`` feature follows it)."""
-    norm_module = importlib.import_module('mmhat.models.layers.norm')
-    folded = []
-    real = norm_module._FoldedNorm.apply
-    monkeypatch.setattr(norm_module._FoldedNorm, 'apply',
-                        lambda *a: folded.append(a[0].shape) or real(*a))
-    model = contract.build(cls).train()
-    sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
+    folded = _applied_in_a_training_step(cls, monkeypatch, 'norm', '_FoldedNorm')
     assert bool(folded) == cls.folded_norms
     from mmhat.utils.benchmark import family_kernel_features
     assert ('norm-fold' in family_kernel_features(cls)) == cls.folded_norms
@@ -208,13 +214,7 @@ def test_depthwise_kernels_fact(cls, monkeypatch):
     """``depthwise_kernels`` says whether a training step convolves through
     ``layers.depthwise_conv2d``'s 3x3-block weight gradient (the benchmark's ``conv``
     feature follows it, or ``cpu_conv_kernels``)."""
-    conv_module = importlib.import_module('mmhat.models.layers.conv')
-    calls = []
-    real = conv_module._DepthwiseConv.apply
-    monkeypatch.setattr(conv_module._DepthwiseConv, 'apply',
-                        lambda *a: calls.append(a[1].shape) or real(*a))
-    model = contract.build(cls).train()
-    sum(o.sum() for o in model(torch.randn(1, 3, 75, 69))).backward()
+    calls = _applied_in_a_training_step(cls, monkeypatch, 'conv', '_DepthwiseConv')
     assert bool(calls) == cls.depthwise_kernels
     from mmhat.utils.benchmark import family_kernel_features
     assert ('conv' in family_kernel_features(cls)) == (cls.depthwise_kernels
