@@ -541,6 +541,8 @@ def test_measure_rows_times_each_group_in_several_processes(monkeypatch):
     failed = B.merge_processes([[B.Result.of(rows[0], latency_s=1.0)],
                                 [B.Result.of(rows[0], error='worker exited with -9')]])
     assert failed[0].error == 'worker exited with -9' and not failed[0].ok
+    unmeasured = B.merge_processes([[B.Result.of(rows[0], latency_s=1.0)]] * 2)
+    assert unmeasured[0].own_cpu_share is None and unmeasured[0].latency_s == 1.0
     with pytest.raises(ValueError, match='at least 1'):
         B.measure_rows(rows, interleave='models', processes=0)
 

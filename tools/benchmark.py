@@ -138,6 +138,7 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
     """The markdown report."""
     m, mm, st = report['machine'], report['matmul'], report['settings']
     ref = st['ref_label']
+    processes = st.get('processes') or 1  # reports written before --processes lack it
     mem_method = next((r.mem_method for r in results if r.mem_method), '—')
     f = B.fmt
     lines = [
@@ -160,7 +161,7 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
                 f'- each group of rows timed together in {st["processes"]} fresh processes, one '
                 'after the other (`--processes`): latency = median of the per-process medians, '
                 'a ratio = median of the per-process ratios']
-                if (st.get('processes') or 1) > 1 else []) + ['']
+                if processes > 1 else []) + ['']
 
     def cells_or_error(r, cells):
         return cells if r.ok else [f'error: {r.error}']
@@ -179,9 +180,9 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
                                                else None)),
               (f'memory vs {ref}', lambda r: f(vs_ref[id(r)].mem_ratio if id(r) in vs_ref
                                                 else None))] if ref else []
-    processes = st.get('processes') or 1
     if ref and processes > 1:
-        versus.insert(1, ('per process (min-max)', lambda r: per_process_text(vs_ref.get(id(r)))))
+        versus.insert(1, ('per process (min-max)',
+                          lambda r: per_process_text(vs_ref.get(id(r)))))
     cpu = [('foreign CPU (cores)', lambda r: f(r.foreign_cores)),
            ('own CPU (cores)', lambda r: f(r.own_cpu_share))]
     cp = [('with_cp', lambda r: 'on' if r.with_cp else 'off')]

@@ -542,11 +542,12 @@ def _kernel_switches() -> Dict[str, Tuple[Callable[[bool], None], Callable[[], b
 
 
 #: mmhat's training kernels, each with its process-wide switch in ``mmhat.models.layers``:
-#: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d`` / ``F.conv2d``); ``act-recompute``:
-#: ``act_then_conv`` (off: autograd keeps the activation); ``window-copies``: windows cut and
-#: merged in one copy each way (``layers.window_qkv`` / ``merge_windows``; off: pad, views
-#: and reshapes); ``norm-fold``: a training-mode BatchNorm folded into the expanding 1x1
-#: conv before it (``layers.pointwise_then_norm``; off: the conv, then the norm);
+#: ``conv``: the CPU convolutions of ``layers.conv`` (off: ``nn.Conv2d`` / ``F.conv2d``);
+#: ``act-recompute``: ``act_then_conv`` (off: autograd keeps the activation);
+#: ``window-copies``: windows cut and merged in one copy each way (``layers.window_qkv`` /
+#: ``merge_windows``; off: pad, views and reshapes); ``norm-fold``: a training-mode
+#: BatchNorm folded into the expanding 1x1 conv before it (``layers.pointwise_then_norm``;
+#: off: the conv, then the norm);
 #: ``attn-replay``: ``with_cp`` replays the fused attention and the kept linear products
 #: (off: the whole block is recomputed)
 KERNEL_FEATURES = ('conv', 'act-recompute', 'window-copies', 'norm-fold', 'attn-replay')
@@ -1064,8 +1065,8 @@ def merge_processes(runs: Sequence[Sequence[Result]]) -> List[Result]:
         res.foreign_cores_all = [f for r in got for f in r.foreign_cores_all]
         known = [r.foreign_cores for r in got if r.foreign_cores is not None]
         res.foreign_cores = max(known) if known else None
-        res.own_cpu_share = statistics.median(
-            [r.own_cpu_share for r in got if r.own_cpu_share is not None] or [0.0])
+        shares = [r.own_cpu_share for r in got if r.own_cpu_share is not None]
+        res.own_cpu_share = statistics.median(shares) if shares else None
         res.attempts = sum(r.attempts for r in got)
         merged.append(res)
     return merged
