@@ -547,8 +547,53 @@ def test_measure_rows_times_each_group_in_several_processes(monkeypatch):
         B.measure_rows(rows, interleave='models', processes=0)
 
 
+def test_measure_rows_alone_takes_turns_in_fresh_processes(monkeypatch):
+    """interleave='alone': the groups of 'models', but each row timed alone in a fresh
+    process, the rows taking turns (HAT-Net, R50, HAT-Net, R50, ...), one turn per process
+    count; no worker holds two rows; memory once per row after the turns; a ratio is the
+    median of the per-turn ratios."""
+    hat, r50 = B.resolve_model('mmhat.HATNet'), B.resolve_model('r50')
+    rows = [B.Row(model=m, size=(64, 64), mode='train', batch=b)
+            for b in (1, 2) for m in (hat, r50)]
+    # (model, batch) -> latencies of its turns; ratios r50 / hat at batch 1: 2.0, 1.1, 1.5
+    times = {(hat.key, 1): iter([1.0, 2.0, 1.2]), (r50.key, 1): iter([2.0, 2.2, 1.8]),
+             (hat.key, 2): iter([3.0] * 3), (r50.key, 2): iter([6.0] * 3)}
+    calls = []
+
+    def spawn(row, timeout):
+        calls.append((row.model.key, row.batch, row.phase))
+        if row.phase == 'memory':
+            return B.Result.of(row, peak_mem_mb=5.0, mem_method='VmHWM')
+        return B.Result.of(row, latency_s=next(times[row.model.key, row.batch]))
+
+    def spawn_interleaved(group, timeout):
+        raise AssertionError('no worker may time two rows')
+    monkeypatch.setattr(B, 'spawn', spawn)
+    monkeypatch.setattr(B, 'spawn_interleaved', spawn_interleaved)
+    got = B.measure_rows(rows, interleave='alone', processes=3, log=lambda s: None)
+    turns = [(hat.key, 1, 'time'), (r50.key, 1, 'time')] * 3
+    assert calls == turns + [(hat.key, 1, 'memory'), (r50.key, 1, 'memory')] + [
+        (m.key, 2, phase) for m, phase in [(hat, 'time'), (r50, 'time')] * 3
+        + [(hat, 'memory'), (r50, 'memory')]]
+    h, r = got[:2]
+    assert h.latency_by_process_s == [1.0, 2.0, 1.2] and h.latency_s == 1.2
+    assert r.latency_by_process_s == [2.0, 2.2, 1.8] and h.peak_mem_mb == 5.0
+    assert not h.interleaved and B.Pair(h, r).speedup == pytest.approx(1.5)
+    assert B.Pair(got[2], got[3]).speedup == pytest.approx(2.0)
+    with pytest.raises(ValueError, match='unknown interleave mode'):
+        B.measure_rows(rows, interleave='sizes')
+
+
+def test_alone_report_and_arguments(tmp_path):
+    """The report says how an 'alone' run timed its rows; one model alone is refused."""
+    tool = load_tool()
+    assert "`--interleave alone`" in tool.INTERLEAVED['alone']
+    with pytest.raises(SystemExit, match='--interleave alone times several models in turn'):
+        tool.main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'alone', '--cp', 'off'])
+
+
 def test_processes_needs_interleave():
-    with pytest.raises(SystemExit, match='give --interleave models'):
+    with pytest.raises(SystemExit, match='give --interleave alone'):
         load_tool().main(['mmhat.HATNet', '--peers', 'r50', '--processes', '3'])
     with pytest.raises(SystemExit, match='at least 1'):
         load_tool().main(['mmhat.HATNet', '--peers', 'r50', '--processes', '0'])

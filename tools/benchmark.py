@@ -10,6 +10,8 @@
         --modes infer --infer-sizes 800x1216          # + ours vs the unfused NCHW reference
     python tools/benchmark.py configs/det/maskrcnn_hatnet_t_coco.py --peers swin-t \
         --modes train --train-sizes 800x1216 --interleave models   # models take turns
+    python tools/benchmark.py configs/det/maskrcnn_hatnet_t_coco.py --peers swin-t \
+        --modes train --interleave alone --processes 3   # each alone, 3 turns of processes
     python tools/benchmark.py --quick                            # CI smoke run (~20 s)
     python tools/benchmark.py mmhat.HATNet:tiny --peers swin-t r50 --profile \
         --train-sizes 800x1216 --profile-batches 1 2 --out profile.md   # where a step goes
@@ -57,6 +59,9 @@ INTERLEAVED = {
     'models': '- rows of one input size, mode and batch: timed in one process, the models, '
               'their kernel configurations and with_cp on and off taking turns step by step '
               '(`--interleave models`); memory in a fresh process per row',
+    'alone': '- rows of one input size, mode and batch: each timed alone in a fresh process, '
+             'the rows taking turns process by process (`--interleave alone`); memory in a '
+             'fresh process per row',
 }
 
 
@@ -156,11 +161,16 @@ def to_markdown(report: Dict[str, Any], results: Sequence[B.Result],
         f'- batch {batches_text(st["batch_size"])}; median of up to {st["runs"]} runs after {st["warmup"]} '
         f'warm-up; peak memory = rise during the first pass of a separate process '
         f'({mem_method})'] + ([
-            INTERLEAVED['models' if st.get('interleave') == 'models' else 'kernels']]
-            if any(r.interleaved for r in results) else []) + ([
-                f'- each group of rows timed together in {st["processes"]} fresh processes, one '
-                'after the other (`--processes`): latency = median of the per-process medians, '
-                'a ratio = median of the per-process ratios']
+            INTERLEAVED[st.get('interleave') if st.get('interleave') in INTERLEAVED
+                        else 'kernels']]
+            if st.get('interleave') == 'alone' or any(r.interleaved for r in results)
+            else []) + ([
+                (f'- {st["processes"]} turns (`--processes`): latency = median of the '
+                 'per-turn medians, a ratio = median of the per-turn ratios'
+                 if st.get('interleave') == 'alone' else
+                 f'- each group of rows timed together in {st["processes"]} fresh processes, '
+                 'one after the other (`--processes`): latency = median of the per-process '
+                 'medians, a ratio = median of the per-process ratios')]
                 if processes > 1 else []) + ['']
 
     def cells_or_error(r, cells):
@@ -288,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'mmhat.utils.benchmark.KERNEL_FEATURES), '
                         'plain (none of them), both (a kernels/plain table), or ablate (both, '
                         'and all but one of each: a table of what each gives)')
-    p.add_argument('--interleave', nargs='?', const='kernels', choices=['kernels', 'models'],
+    p.add_argument('--interleave', nargs='?', const='kernels',
+                   choices=['kernels', 'models', 'alone'],
                    help='time rows together in one process, alternating them step by step '
                         '(changes of a few percent show; separate processes differ by up to '
                         '~10%%, a peer by up to 25%% between runs): "kernels" (the default '
@@ -296,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                         'configurations of a model; "models" every row of one input size, '
                         'mode and batch (models, kernels, with_cp on and off), so that the '
                         'ratios between models and with_cp / plain are as steady as those '
-                        'between kernels; memory still in a fresh process per row')
+                        'between kernels; memory still in a fresh process per row; "alone" '
+                        'the rows of "models", each timed alone in a fresh process, taking '
+                        'turns process by process (with --processes N: N turns), as users run '
+                        'one model per process: models sharing a process share its heap, '
+                        'which slows some of them by up to 30%%')
     p.add_argument('--processes', type=int, default=1, metavar='N',
                    help='with --interleave: time each group of rows in N fresh processes, one '
                         'after the other; a row\'s latency is the median of its per-process '
@@ -449,7 +464,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f'--processes must be at least 1, got {args.processes}')
     if args.processes > 1 and not args.interleave:
         raise SystemExit('--processes times each group of --interleave rows in several '
-                         'processes: give --interleave models (or kernels) too')
+                         'processes: give --interleave alone (or models, or kernels) too')
     args.warmup = max(1, args.warmup)
     peers = [] if args.peers in (['none'], []) else args.peers
     unknown = [p for p in peers if p.lower() not in B.PEERS]
@@ -471,10 +486,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f'--ref {args.ref!r} is not among the measured models {keys}')
         ref = by_label[ref]
     ref_label = next((m.label for m in models if m.key == ref), None)
-    if args.interleave == 'models' and len(models) < 2 and args.kernels not in (
+    if args.interleave in ('models', 'alone') and len(models) < 2 and args.kernels not in (
             'both', 'ablate') and args.cp != 'both':
-        raise SystemExit('--interleave models times several models together: give two or '
-                         'more (models or --peers), or --cp both to time one with and '
+        raise SystemExit(f'--interleave {args.interleave} times several models in turn: '
+                         'give two or more (models or --peers), or --cp both to time one with and '
                          'without with_cp')
 
     torch.set_num_threads(args.threads)

@@ -991,11 +991,20 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
     the fields of :data:`INTERLEAVE_ACROSS` ``[interleave]`` (``'kernels'``, or ``'models'``)
     are timed together in one process (:func:`measure_interleaved`), each row's memory
     still in its own; with ``processes`` > 1, each such group in that many fresh processes
-    one after the other (:func:`merge_processes`). ``on_row`` gets the results so far after
-    each row."""
+    one after the other (:func:`merge_processes`). ``interleave='alone'`` groups the rows
+    as ``'models'`` does but times each row alone in a fresh process, the rows taking turns
+    (one turn per ``processes``; ratios: the median of the per-turn ratios): models that
+    share a process share its heap, which slows some by up to 30% (docs/benchmarks.md).
+    ``on_row`` gets the results so far after each row."""
     if processes < 1:
         raise ValueError(f'processes must be at least 1, got {processes}')
+    if interleave not in (None, False, True, 'alone') and interleave not in INTERLEAVE_ACROSS:
+        raise ValueError(f'unknown interleave mode {interleave!r}: one of '
+                         f'{", ".join(list(INTERLEAVE_ACROSS) + ["alone"])}')
     across = 'kernels' if interleave is True else interleave or None
+    alone = across == 'alone'
+    if alone:  # the groups of 'models', each row timed in a fresh process of its own
+        across = 'models'
     groups: Dict[str, List[Row]] = {}
     if across and isolate:
         for row in rows:
@@ -1011,8 +1020,16 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
                 what = ', '.join(dict.fromkeys(r.model.label for r in group))
                 runs = []
                 for p in range(processes):
+                    turn = f' ({p + 1} of {processes})' if processes > 1 else ''
+                    if alone:
+                        log(f'    timing {len(group)} rows ({what}) in turn, each alone in a '
+                            f'fresh process{turn}')
+                        runs.append([_measure_isolated(r, retries, busy_cores, retry_wait,
+                                                       timeout, log, memory=False)
+                                     for r in group])
+                        continue
                     log(f'    timing {len(group)} rows ({what}) interleaved in one process'
-                        + (f' ({p + 1} of {processes})' if processes > 1 else ''))
+                        + turn)
                     runs.append(_time_interleaved(group, retries, busy_cores, retry_wait,
                                                   timeout, log))
                 timed.update(zip(map(id, group), merge_processes(runs)))
@@ -1073,7 +1090,10 @@ def merge_processes(runs: Sequence[Sequence[Result]]) -> List[Result]:
 
 
 def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry_wait: float,
-                      timeout: float, log: Callable[[str], None]) -> Result:
+                      timeout: float, log: Callable[[str], None], memory: bool = True) -> Result:
+    """``row`` timed in a fresh process (retried while the CPU is busy), then on the CPU its
+    memory in another (unless not ``memory``: the caller measures it once for several
+    timings)."""
     cpu = row.device == 'cpu'
     phase = 'time' if cpu and not row.compile else 'all'
     limit = _busy_limit(busy_cores, row.threads)
@@ -1091,7 +1111,7 @@ def _measure_isolated(row: Row, retries: int, busy_cores: Optional[float], retry
     # Keep the least contended attempt; say how many there were.
     res = min(ok, key=lambda a: a.foreign_cores or 0.0) if ok else attempts[-1]
     res.attempts = len(attempts)
-    if ok and phase == 'time':
+    if ok and phase == 'time' and memory:
         res = _with_memory(res, row, timeout)
     return res
 
