@@ -31,7 +31,8 @@ CPU timings on a shared machine: one torch thread by default, ``OMP_WAIT_POLICY=
 (spin-waiting OpenMP threads make a contended 2-thread job ~100x slower), and every row
 records how much CPU other processes took while it ran ("foreign cores", from /proc/stat).
 Compare models by ratios of rows measured in the same run, never by absolute times from
-other runs.
+other runs; compare models each alone in its process (``measure_rows(interleave='alone')``),
+as users run them: models sharing a process share its heap and read up to 30% apart.
 """
 import contextlib
 import ctypes
