@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'between kernels; memory still in a fresh process per row; "alone" '
                         'the rows of "models", each timed alone in a fresh process, taking '
                         'turns process by process (with --processes N: N turns), as users run '
-                        'one model per process: models sharing a process share its heap, '
-                        'which slows some of them by up to 30%%')
+                        'one model per process: models sharing a process share its heap and '
+                        'read up to 30%% apart from alone')
     p.add_argument('--processes', type=int, default=1, metavar='N',
                    help='with --interleave: time each group of rows in N fresh processes, one '
                         'after the other; a row\'s latency is the median of its per-process '

@@ -995,7 +995,7 @@ def measure_rows(rows: Sequence[Row], isolate: bool = True, retries: int = 0,
     one after the other (:func:`merge_processes`). ``interleave='alone'`` groups the rows
     as ``'models'`` does but times each row alone in a fresh process, the rows taking turns
     (one turn per ``processes``; ratios: the median of the per-turn ratios): models that
-    share a process share its heap, which slows some by up to 30% (docs/benchmarks.md).
+    share a process share its heap, and read up to 30% apart from alone (docs/benchmarks.md).
     ``on_row`` gets the results so far after each row."""
     if processes < 1:
         raise ValueError(f'processes must be at least 1, got {processes}')
