@@ -592,6 +592,17 @@ def test_alone_report_and_arguments(tmp_path):
         tool.main(['mmhat.HATNet', '--peers', 'none', '--interleave', 'alone', '--cp', 'off'])
 
 
+def test_ref_must_be_a_measured_peer():
+    """The "vs" columns pair rows with a peer's (no attention path, layout or kernels); an
+    mmhat model as --ref would give empty columns, so it is refused, as is an unmeasured
+    one."""
+    with pytest.raises(SystemExit, match="'HATNet-tiny' is not a peer.*swin-t"):
+        load_tool().main(['mmhat.HATNet:tiny', 'mmhat.TransCNN:tiny', '--peers', 'none',
+                          '--ref', 'HATNet-tiny'])
+    with pytest.raises(SystemExit, match='not among the measured models'):
+        load_tool().main(['mmhat.HATNet:tiny', '--peers', 'r50', '--ref', 'swin-t'])
+
+
 def test_processes_needs_interleave():
     with pytest.raises(SystemExit, match='give --interleave alone'):
         load_tool().main(['mmhat.HATNet', '--peers', 'r50', '--processes', '3'])

@@ -276,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--peers', nargs='+', default=list(DEFAULT_PEERS),
                    help=f'peers measured alongside (default: {" ".join(DEFAULT_PEERS)}); '
                         '"none" for none')
-    p.add_argument('--ref', help='the model the "vs" columns compare with (a peer key or a '
-                                 'label; default: PVTv2-B2, else ResNet-50, ... if measured)')
+    p.add_argument('--ref', help='the peer the "vs" columns compare with (its key or label, '
+                                 'measured in this run; default: PVTv2-B2, else ResNet-50, ... '
+                                 'if measured)')
     p.add_argument('--modes', nargs='+', choices=['infer', 'train'], default=['infer', 'train'])
     p.add_argument('--infer-sizes', nargs='+', default=list(DEFAULT_INFER_SIZES),
                    metavar='HxW', help='inference sizes (default: 224 512 800x1216)')
@@ -317,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'after the other; a row\'s latency is the median of its per-process '
                         'medians and a ratio between rows the median of the per-process '
                         'ratios (each listed in the report): one process\'s ratio moves by '
-                        'about +-5%% between runs')
+                        'about +-5%% between runs (models sharing it), one --interleave alone '
+                        'turn\'s by about +-10%%')
     p.add_argument('--cp', choices=['off', 'on', 'both'], default='both',
                    help='with_cp for training rows (models without with_cp: off only)')
     p.add_argument('--compile', choices=['off', 'on', 'both'], default='off',
@@ -485,6 +487,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if ref not in by_label:
             raise SystemExit(f'--ref {args.ref!r} is not among the measured models {keys}')
         ref = by_label[ref]
+    if ref is not None and ref not in B.PEERS:
+        raise SystemExit(f'--ref {args.ref!r} is not a peer: the "vs" columns compare with one '
+                         f'of {", ".join(B.PEERS)} (give it in --peers); mmhat rows are '
+                         'compared with each other in the ratio tables (--attn / --layout / '
+                         '--kernels / --cp both)')
     ref_label = next((m.label for m in models if m.key == ref), None)
     if args.interleave in ('models', 'alone') and len(models) < 2 and args.kernels not in (
             'both', 'ablate') and args.cp != 'both':
